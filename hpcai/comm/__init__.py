@@ -1,4 +1,4 @@
-"""Collectives written on mpi4py's buffer methods (the only package besides the strategies that imports MPI)."""
+"""Collectives on mpi4py's buffer methods (besides the strategies' *_comm modules, the only MPI users)."""
 
 from hpcai.comm.ring import ring_allreduce
 

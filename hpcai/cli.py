@@ -1,0 +1,129 @@
+"""The ``hpcai`` command. Exit status: 0 success, 2 bad input (one line on stderr), else the job's failure.
+
+hpcai run jobs/digits.toml                 # the spec's rank count (job.ranks)
+hpcai run jobs/digits.toml -n 4 --set train.lr=0.05 --run-dir runs/try1
+hpcai run                                  # the embedded default job (digits, 2 ranks)
+hpcai validate jobs/digits.toml            # check the spec only; nothing is written
+hpcai data build digits --out data/digits --shards 4
+hpcai bench allreduce -n 2 --sizes 64KiB,4MiB --json ar.json
+python -m hpcai ...                        # the same
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from hpcai.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as one line and exit status 2 (its default status, our format)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def _add_job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", nargs="?", help="job spec (TOML); omitted: the embedded default digits job")
+    p.add_argument("-n", "--ranks", type=int, help="MPI ranks (overrides job.ranks)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
+    p.add_argument("--run-dir", help="run directory (default runs/<job name>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hpcai", description="MPI batch jobs for training AI models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="train a job on N ranks (mpiexec, or in-process under srun/mpiexec)")
+    _add_job_args(run)
+    val = sub.add_parser("validate", help="check a job spec and print the resolved spec")
+    _add_job_args(val)
+    data = sub.add_parser("data", help="datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    build = data_sub.add_parser("build", help="build a sharded HDF5 dataset")
+    build.add_argument("source", help="digits")
+    build.add_argument("--out", required=True, help="output directory (must not exist)")
+    build.add_argument("--shards", type=int, default=4)
+    build.add_argument("--test-fraction", type=float, default=0.2)
+    build.add_argument("--seed", type=int, default=0)
+    bench = sub.add_parser("bench", help="benchmarks against the real peers", add_help=False)
+    bench.add_argument("what", choices=["allreduce"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from hpcai.spec import load_spec
+
+    overrides = list(args.set)
+    if args.run_dir:
+        overrides.append(f"job.run_dir={_toml_str(args.run_dir)}")
+    if args.ranks is not None and args.ranks < 1:
+        raise UserError(f"-n: must be >= 1, got {args.ranks}")
+    return load_spec(args.job, overrides, ranks=args.ranks)
+
+
+def _toml_str(s: str) -> str:
+    import json
+
+    return json.dumps(s)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from hpcai.launch import mpi_environment, run_ranks
+
+    t0 = time.time()
+    spec = _load(args)  # validated before any rank starts: bad input writes nothing
+    if mpi_environment():
+        from hpcai.worker import run_worker
+
+        return run_worker(spec, t0)
+    run_dir = spec.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job_file = run_dir / "job.toml"
+    job_file.write_text(spec.to_toml())
+    os.environ["HPCAI_T0"] = repr(t0)  # wall time counts from here, launch included
+    return run_ranks(spec.job.ranks, ["-m", "hpcai.worker", str(job_file)])
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    spec = _load(args)
+    print(f"# {spec.source}: valid ({spec.job.ranks} ranks, run dir {spec.run_dir})")
+    print(spec.to_toml(), end="")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from hpcai.data.etl import build_dataset
+
+    if args.shards < 1:
+        raise UserError(f"--shards: must be >= 1, got {args.shards}")
+    if not 0 < args.test_fraction < 1:
+        raise UserError(f"--test-fraction: must be in (0, 1), got {args.test_fraction}")
+    build_dataset(args.source, args.out, args.shards, args.test_fraction, args.seed)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hpcai.bench import allreduce
+
+    return allreduce.main(args.rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data, "bench": cmd_bench}[args.command]
+    try:
+        return handler(args)
+    except UserError as e:
+        sys.stderr.write(f"hpcai: error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Starting ranks: the mpiexec command line, or running in-process when an MPI launcher already started us.
+
+No MPI import here: the launching process must not become an MPI process itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from hpcai.errors import UserError
+
+
+def mpi_environment() -> bool:
+    """True when this process is one of several ranks started by mpiexec/mpirun or srun."""
+    for key in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE"):
+        if key in os.environ:
+            return True
+    # Under srun each task of a step sees SLURM_STEP_ID; the batch script itself is not such a task.
+    return "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
+
+
+def find_mpiexec() -> str:
+    """$HPCAI_MPIEXEC, else the mpiexec installed beside this Python (the `mpich` wheel), else PATH's.
+
+    The launcher must belong to the MPI library that mpi4py loads: with a system MPI, install mpi4py
+    against it and leave the `mpich` wheel out, and PATH's mpiexec is used.
+    """
+    explicit = os.environ.get("HPCAI_MPIEXEC")
+    if explicit:
+        return explicit
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.exists():
+        return str(beside)
+    for name in ("mpiexec", "mpirun"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise UserError(
+        "no mpiexec found: `pip install mpich` (or load your site's MPI module), or set HPCAI_MPIEXEC"
+    )
+
+
+def is_open_mpi(mpiexec: str) -> bool:
+    try:
+        out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "Open MPI" in out or "OpenRTE" in out
+
+
+def mpiexec_command(n: int, args: list[str], mpiexec: str | None = None) -> list[str]:
+    """``mpiexec -n N python ARGS...`` for this Python; Open MPI gets --oversubscribe (laptops, CI)."""
+    mpiexec = mpiexec or find_mpiexec()
+    cmd = [mpiexec, "-n", str(n)]
+    if is_open_mpi(mpiexec):
+        cmd.append("--oversubscribe")
+    return cmd + [sys.executable, *args]
+
+
+def launch_env(n: int) -> dict[str, str]:
+    """The ranks' environment: one thread per rank's share of the cores unless the user chose."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("HPCAI_TTY", "1" if sys.stderr.isatty() else "0")
+    if "OMPI_ALLOW_RUN_AS_ROOT" not in env and hasattr(os, "geteuid") and os.geteuid() == 0:
+        # Open MPI refuses root without these (containers, CI); MPICH ignores them.
+        env["OMPI_ALLOW_RUN_AS_ROOT"] = env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    return env
+
+
+def run_ranks(n: int, args: list[str]) -> int:
+    """Run ``python ARGS`` on ``n`` ranks under mpiexec; return its exit status (Ctrl-C reaches all)."""
+    cmd = mpiexec_command(n, args)
+    try:
+        return subprocess.run(cmd, env=launch_env(n)).returncode
+    except KeyboardInterrupt:
+        return 130

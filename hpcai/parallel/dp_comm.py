@@ -1,0 +1,35 @@
+"""The raw MPI calls of synchronous data parallelism: broadcast and all-reduce of flat tensors.
+
+Buffer methods on contiguous tensors only (no pickling of data); the all-reduce is our own ring.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from hpcai.comm import ring_allreduce
+
+
+def as_bytes(t: torch.Tensor) -> np.ndarray:
+    """A uint8 numpy view of a contiguous CPU tensor's memory (0-dim tensors included)."""
+    if not t.is_contiguous():
+        raise ValueError("need a contiguous tensor")
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def broadcast_(t: torch.Tensor, comm: MPI.Comm, root: int = 0) -> None:
+    """Overwrite ``t`` on every rank with root's values, bit for bit (raw bytes: exact for any dtype)."""
+    if t.numel():
+        comm.Bcast([as_bytes(t), MPI.BYTE], root)
+
+
+def allreduce_sum_(t: torch.Tensor | np.ndarray, comm: MPI.Comm) -> torch.Tensor | np.ndarray:
+    """Sum ``t`` across the ranks of ``comm`` in place; every rank ends with identical bits."""
+    return ring_allreduce(t, comm, op="sum")
+
+
+def gather_strings(s: str, comm: MPI.Comm) -> list[str] | None:
+    """Small metadata to rank 0 (pickled, lowercase method: fine for a few bytes)."""
+    return comm.gather(s, root=0)

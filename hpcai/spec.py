@@ -1,0 +1,363 @@
+"""Job specs: typed, immutable, validated before any rank starts.
+
+A job spec is a TOML file with the sections below; every key has a default except where noted. Unknown
+keys, wrong types and impossible values raise :class:`~hpcai.errors.SpecError` naming the file and key::
+
+    hpcai validate jobs/digits.toml
+    hpcai validate jobs/digits.toml --set train.lr=0.2 -n 4
+
+The resolved spec (defaults filled in, overrides applied) is written to every run directory as
+``job.toml`` so a run can be repeated exactly with ``hpcai run RUN_DIR/job.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hpcai.errors import SpecError
+
+
+def _doc(text: str, **kw: Any) -> Any:
+    """A dataclass field whose docstring travels in its metadata (shown in README and errors)."""
+    return field(metadata={"doc": text}, **kw)
+
+
+@dataclass(frozen=True)
+class JobSection:
+    name: str = _doc("Job name; also the default run directory runs/<name>/.", default="digits")
+    ranks: int = _doc("Number of MPI ranks `hpcai run` starts (overridden by -n).", default=2)
+    run_dir: str = _doc("Run directory; empty means runs/<name>.", default="")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str = _doc("Built-in model: mlp or cnn. Ignored when factory is set.", default="mlp")
+    hidden: list[int] = _doc("Hidden layer widths of the mlp.", default_factory=lambda: [128, 64])
+    channels: list[int] = _doc("Conv channels of the cnn.", default_factory=lambda: [16, 32])
+    factory: str = _doc(
+        "Your own model: 'path/to/file.py:make_model' returning a torch nn.Module; called with "
+        "model.args, plus input_shape and num_classes if its signature takes them.",
+        default="",
+    )
+    args: dict[str, Any] = _doc("Keyword arguments for the factory.", default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    path: str = _doc("Sharded HDF5 dataset directory (holds manifest.json).", default="data/digits")
+    source: str = _doc(
+        "What to build at `path` if it is missing: 'digits' (scikit-learn's bundled set), or '' to require "
+        "an existing dataset.",
+        default="digits",
+    )
+    shards: int = _doc("Shard files per split when the dataset is built.", default=4)
+    test_fraction: float = _doc("Fraction of samples held out as the test split when built.", default=0.2)
+    split_seed: int = _doc("Seed of the train/test split when built.", default=0)
+    prefetch: int = _doc("Batches read ahead by a background thread (0: read inline).", default=2)
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    strategy: str = _doc("Parallel strategy: 'data' (synchronous data parallel).", default="data")
+    optimizer: str = _doc("sgd, adam or adamw.", default="sgd")
+    lr: float = _doc("Peak learning rate.", default=0.1)
+    momentum: float = _doc("SGD momentum.", default=0.9)
+    weight_decay: float = _doc("Weight decay.", default=0.0)
+    lr_schedule: str = _doc("constant or cosine (decays to 0 at the last step).", default="constant")
+    warmup_steps: int = _doc("Linear warm-up steps.", default=0)
+    batch_size: int = _doc("Global batch size, split evenly across the ranks.", default=64)
+    epochs: int = _doc("Epochs to train (used when steps is 0).", default=10)
+    steps: int = _doc("Optimizer steps to train; wins over epochs when > 0.", default=0)
+    seed: int = _doc("Seed of initial parameters and of the per-epoch shuffle.", default=0)
+    log_every: int = _doc("Steps between metrics.jsonl records (the last step is always logged).", default=10)
+    device: str = _doc("cpu (cuda comes with the benchmarking issue).", default="cpu")
+
+
+@dataclass(frozen=True)
+class SlurmSection:
+    nodes: int = _doc("Nodes to allocate.", default=1)
+    tasks_per_node: int = _doc("MPI ranks per node; 0 means job.ranks / nodes.", default=0)
+    cpus_per_task: int = _doc("Cores per rank (also OMP_NUM_THREADS).", default=1)
+    gpus_per_node: int = _doc("GPUs per node.", default=0)
+    time: str = _doc(
+        "Time limit (Slurm syntax, e.g. 01:00:00); empty means the profile's default.", default=""
+    )
+    mem: str = _doc("Memory per node (e.g. 8G); empty means the profile's default.", default="")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A whole job: one attribute per TOML section."""
+
+    job: JobSection = field(default_factory=JobSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    slurm: SlurmSection = field(default_factory=SlurmSection)
+    source: str = field(default="<defaults>", compare=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.job.run_dir or f"runs/{self.job.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in _sections()}
+
+    def spec_hash(self) -> str:
+        """SHA-256 of the resolved spec (stable key order): identifies 'the same job' across restarts."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.to_dict())
+
+
+def _sections() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(JobSpec) if f.name != "source"]
+
+
+SECTION_TYPES: dict[str, type] = {f.name: f.default_factory().__class__ for f in _sections()}  # type: ignore[misc]
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.name": ("mlp", "cnn"),
+    "train.strategy": ("data",),
+    "train.optimizer": ("sgd", "adam", "adamw"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "train.device": ("cpu",),
+}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_spec(path: str | Path | None, overrides: list[str] = (), ranks: int | None = None) -> JobSpec:
+    """Read, override and validate a job spec. ``path=None`` gives the embedded default job.
+
+    ``overrides`` are ``section.key=value`` strings (value parsed as TOML, else taken as a string);
+    ``ranks`` (from ``-n``) overrides ``job.ranks``.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SpecError(f"{source}: no such job spec file")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise SpecError(f"{source}: not valid TOML: {e}") from None
+        except UnicodeDecodeError:
+            raise SpecError(f"{source}: not a text file") from None
+    for item in overrides:
+        _apply_override(raw, item, source)
+    if ranks is not None:
+        raw.setdefault("job", {})["ranks"] = ranks
+    spec = _build(raw, source)
+    validate(spec)
+    return spec
+
+
+def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or "." not in key:
+        raise SpecError(f"{source}: --set {item!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word like --set model.name=cnn
+    section, _, name = key.partition(".")
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise SpecError(f"{source}: {section}: must be a table")
+    *parents, leaf = name.split(".")
+    for part in parents:  # model.args.width=3
+        target = target.setdefault(part, {})
+    target[leaf] = value
+
+
+def _did_you_mean(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; valid keys: {', '.join(valid)}"
+
+
+def _build(raw: dict[str, Any], source: str) -> JobSpec:
+    sections: dict[str, Any] = {}
+    for sec_name, value in raw.items():
+        if sec_name not in SECTION_TYPES:
+            raise SpecError(
+                f"{source}: unknown section [{sec_name}]{_did_you_mean(sec_name, list(SECTION_TYPES))}"
+            )
+        if not isinstance(value, dict):
+            raise SpecError(f"{source}: {sec_name}: must be a table, got {type(value).__name__}")
+        cls = SECTION_TYPES[sec_name]
+        hints = typing.get_type_hints(cls)
+        valid = [f.name for f in dataclasses.fields(cls)]
+        kwargs = {}
+        for key, v in value.items():
+            if key not in hints:
+                raise SpecError(f"{source}: {sec_name}.{key}: unknown key{_did_you_mean(key, valid)}")
+            kwargs[key] = _coerce(v, hints[key], f"{source}: {sec_name}.{key}")
+        sections[sec_name] = cls(**kwargs)
+    return JobSpec(**sections, source=source)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against a type hint (int, float, str, bool, list[X], dict[str, Any])."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise SpecError(f"{where}: must be a finite number, got {value}")
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            (item_tp,) = typing.get_args(tp)
+            return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif isinstance(tp, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, where)
+            except SpecError:
+                pass
+    expected = getattr(tp, "__name__", str(tp))
+    raise SpecError(f"{where}: expected {expected}, got {type(value).__name__} {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def validate(spec: JobSpec) -> None:
+    """Check values that types alone cannot: ranges, choices, divisibility, files that must exist."""
+    src = spec.source
+
+    def fail(key: str, why: str) -> None:
+        raise SpecError(f"{src}: {key}: {why}")
+
+    for key, allowed in CHOICES.items():
+        sec, name = key.split(".")
+        value = getattr(getattr(spec, sec), name)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            fail(key, f"{value!r} is not one of {', '.join(allowed)}{hint}")
+    j, t, d, m = spec.job, spec.train, spec.data, spec.model
+    if not j.name or any(c in j.name for c in "/\\\0") or j.name in (".", ".."):
+        fail("job.name", f"must be a non-empty name without '/', got {j.name!r}")
+    if j.ranks < 1:
+        fail("job.ranks", f"must be >= 1, got {j.ranks}")
+    if t.lr <= 0:
+        fail("train.lr", f"must be > 0, got {t.lr}")
+    if not 0 <= t.momentum < 1:
+        fail("train.momentum", f"must be in [0, 1), got {t.momentum}")
+    if t.weight_decay < 0:
+        fail("train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    if t.batch_size < 1:
+        fail("train.batch_size", f"must be >= 1, got {t.batch_size}")
+    if t.batch_size % j.ranks:
+        fail(
+            "train.batch_size",
+            f"global batch {t.batch_size} does not divide across {j.ranks} ranks "
+            f"(try {max(j.ranks, t.batch_size // j.ranks * j.ranks)})",
+        )
+    if t.epochs < 0 or t.steps < 0 or (t.epochs == 0 and t.steps == 0):
+        fail("train.epochs", f"set epochs or steps to a positive number (epochs={t.epochs}, steps={t.steps})")
+    if t.warmup_steps < 0:
+        fail("train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    if t.log_every < 1:
+        fail("train.log_every", f"must be >= 1, got {t.log_every}")
+    if d.shards < 1:
+        fail("data.shards", f"must be >= 1, got {d.shards}")
+    if not 0 < d.test_fraction < 1:
+        fail("data.test_fraction", f"must be in (0, 1), got {d.test_fraction}")
+    if d.prefetch < 0:
+        fail("data.prefetch", f"must be >= 0, got {d.prefetch}")
+    if d.source not in ("", "digits"):
+        fail(
+            "data.source", f"{d.source!r} is not one of 'digits', '' (use `hpcai data build` for other data)"
+        )
+    if not d.source and not (Path(d.path) / "manifest.json").is_file():
+        fail("data.path", f"no dataset at {d.path} (manifest.json missing) and data.source is empty")
+    if any(h < 1 for h in m.hidden):
+        fail("model.hidden", f"widths must be >= 1, got {m.hidden}")
+    if any(c < 1 for c in m.channels):
+        fail("model.channels", f"channels must be >= 1, got {m.channels}")
+    if m.factory:
+        file, sep, func = m.factory.rpartition(":")
+        if not sep or not file or not func.isidentifier():
+            fail("model.factory", f"expected 'path/to/file.py:function', got {m.factory!r}")
+        if not Path(file).is_file():
+            fail("model.factory", f"no such file {file!r}")
+    s = spec.slurm
+    if s.nodes < 1:
+        fail("slurm.nodes", f"must be >= 1, got {s.nodes}")
+    for key in ("tasks_per_node", "gpus_per_node"):
+        if getattr(s, key) < 0:
+            fail(f"slurm.{key}", f"must be >= 0, got {getattr(s, key)}")
+    if s.cpus_per_task < 1:
+        fail("slurm.cpus_per_task", f"must be >= 1, got {s.cpus_per_task}")
+
+
+# ---------------------------------------------------------------------------------------------- TOML out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def dumps_toml(doc: dict[str, dict[str, Any]]) -> str:
+    """Write a two-level document (sections of scalars, lists and inline tables) as TOML."""
+    out = []
+    for section, values in doc.items():
+        out.append(f"[{section}]")
+        out += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+def field_docs() -> dict[str, list[tuple[str, str, str]]]:
+    """(key, default, doc) per section, for the README's job spec reference and `hpcai validate --explain`."""
+    docs = {}
+    for sec in _sections():
+        cls = SECTION_TYPES[sec.name]
+        rows = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f.name, _toml_value(default), f.metadata.get("doc", "")))
+        docs[sec.name] = rows
+    return docs

@@ -1,0 +1,174 @@
+"""What every rank runs. Started by ``hpcai run`` under mpiexec, or in-process under srun/mpiexec::
+
+    hpcai run jobs/digits.toml -n 2           # runs: mpiexec -n 2 python -m hpcai.worker RUN_DIR/job.toml
+    mpiexec -n 4 hpcai run jobs/digits.toml   # already under MPI: every rank runs in-process
+    srun --mpi=pmi2 -n 4 hpcai run jobs/digits.toml
+
+An exception on any rank prints ``hpcai: rank R: <message>`` once (the traceback goes to that rank's log) and
+aborts the whole MPI job, so no rank is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from hpcai.errors import UserError
+from hpcai.spec import JobSpec, load_spec
+
+
+def _ensure_dataset(spec: JobSpec, say) -> None:
+    """Rank 0 builds the dataset if it is missing and the spec names a source."""
+    from hpcai.data.etl import build_dataset
+
+    path = Path(spec.data.path)
+    if (path / "manifest.json").is_file():
+        return
+    if not spec.data.source:
+        raise UserError(f"{spec.source}: data.path: no dataset at {path}")
+    say(f"dataset {path} missing: building it from {spec.data.source!r}")
+    build_dataset(
+        spec.data.source, path, spec.data.shards, spec.data.test_fraction, spec.data.split_seed, log=say
+    )
+
+
+def _train(spec: JobSpec, topo, t0: float) -> None:
+    import numpy as np
+    import torch
+    from mpi4py import MPI
+
+    from hpcai import __version__
+    from hpcai.data.loader import BatchLoader
+    from hpcai.data.shards import ShardedDataset
+    from hpcai.models import build_model
+    from hpcai.parallel.data_parallel import DataParallel
+    from hpcai.report import Reporter, plot_loss, rank_logger, write_json
+    from hpcai.train import fit, total_steps
+
+    run_dir = spec.run_dir
+    if topo.is_root:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "job.toml").write_text(spec.to_toml())
+        _ensure_dataset(spec, print)
+    topo.world.Barrier()  # the run directory and dataset exist before any other rank looks
+    logger = rank_logger(run_dir, topo.rank)
+    logger.info(
+        f"start: world {topo.world_size}, host {platform.node()}, pid {os.getpid()}, job {spec.source}"
+    )
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    torch.manual_seed(spec.train.seed)  # rank 0's initial parameters are broadcast anyway
+    data = ShardedDataset(spec.data.path)
+    model = build_model(spec.model, data.sample_shape, data.num_classes)
+    strategy = DataParallel(topo)
+    loader = BatchLoader(
+        data.splits["train"],
+        spec.train.batch_size,
+        topo.dp_rank,
+        topo.dp_size,
+        spec.train.seed,
+        spec.data.prefetch,
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    reporter = Reporter(run_dir, topo.is_root, logger, total_steps(spec.train, loader.steps_per_epoch), t0)
+    reporter.say(
+        f"{spec.job.name}: {type(model).__name__} with {n_params:,} parameters, {topo.world_size} ranks, "
+        f"global batch {spec.train.batch_size}, {len(data.splits['train'])} training samples -> {run_dir}"
+    )
+    try:
+        result = fit(model, strategy, loader, data.splits["test"], spec.train, reporter, topo.rank)
+    finally:
+        reporter.close()
+    digests = strategy.params_digest(model)
+    data.close()
+    if topo.is_root:
+        identical = len(set(digests)) == 1
+        summary = {
+            "job": spec.job.name,
+            "world_size": topo.world_size,
+            "strategy": spec.train.strategy,
+            "steps": result.steps,
+            "epochs": result.epochs,
+            "final_loss": result.final_loss,
+            "test_accuracy": result.test_accuracy,
+            "wall_s": time.time() - t0,
+            "train_s": result.train_seconds,
+            "samples_per_s": result.samples_per_s,
+            "data_wait_fraction": result.data_wait_s / max(result.train_seconds, 1e-9),
+            "dataset": str(Path(spec.data.path).resolve()),
+            "model_parameters": n_params,
+            "params_sha256": digests,
+            "params_identical_across_ranks": identical,
+            "spec_sha256": spec.spec_hash(),
+            "versions": {
+                "hpcai": __version__,
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "numpy": np.__version__,
+                "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+            },
+        }
+        write_json(run_dir / "summary.json", summary)
+        plot_loss(reporter.history, run_dir / "loss.png", f"{spec.job.name}: {topo.world_size} ranks")
+        reporter.say(
+            f"done: {result.steps} steps, final loss {result.final_loss:.4f}, test accuracy "
+            f"{result.test_accuracy:.4f}, {summary['wall_s']:.1f} s wall, "
+            f"{result.samples_per_s:.0f} samples/s"
+        )
+        if not identical:
+            raise RuntimeError(f"parameters differ across ranks after training: {digests}")
+
+
+def run_worker(spec: JobSpec, t0: float | None = None) -> int:
+    """Run the job on this rank; on any error, print it with the rank and abort every rank."""
+    t0 = t0 if t0 is not None else float(os.environ.get("HPCAI_T0", time.time()))
+    from mpi4py import MPI
+
+    rank = MPI.COMM_WORLD.Get_rank()
+    try:
+        from hpcai.topology import Topology
+
+        _train(spec, Topology.data_parallel(), t0)
+    except BaseException as e:  # noqa: BLE001 - every failure must end every rank
+        code = e.exit_code if isinstance(e, UserError) else 1
+        if isinstance(e, KeyboardInterrupt):
+            code, msg = 130, "interrupted"
+        elif isinstance(e, UserError):
+            msg = str(e)
+        else:
+            msg = f"{type(e).__name__}: {e}"
+        where = spec.run_dir / "logs" / f"rank-{rank}.log"
+        try:
+            where.parent.mkdir(parents=True, exist_ok=True)
+            with open(where, "a") as f:
+                f.write(f"rank {rank} failed:\n{traceback.format_exc()}")
+            hint = "" if isinstance(e, UserError) else f" (traceback in {where})"
+        except OSError:
+            hint = "\n" + traceback.format_exc()
+        sys.stderr.write(f"hpcai: rank {rank}: error: {msg}{hint}\n")
+        sys.stderr.flush()
+        if MPI.COMM_WORLD.Get_size() > 1:
+            MPI.COMM_WORLD.Abort(code)  # ends every rank of the job: nobody hangs in a collective
+        return code
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.stderr.write("usage: python -m hpcai.worker RUN_DIR/job.toml\n")
+        return 2
+    try:
+        spec = load_spec(argv[0])
+    except UserError as e:
+        sys.stderr.write(f"hpcai: error: {e}\n")
+        return 2
+    return run_worker(spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
