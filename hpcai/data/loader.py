@@ -43,7 +43,8 @@ class BatchLoader:
     def steps_per_epoch(self) -> int:
         return len(self.split) // self.global_batch
 
-    def _indices(self, epoch: int, start_step: int) -> Iterator[np.ndarray]:
+    def indices(self, epoch: int, start_step: int = 0) -> Iterator[np.ndarray]:
+        """Global row indices of this rank's batches in ``epoch``, from ``start_step``."""
         perm = epoch_permutation(len(self.split), self.seed, epoch)
         lo = self.rank * self.local_batch
         for step in range(start_step, self.steps_per_epoch):
@@ -57,7 +58,7 @@ class BatchLoader:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's batches of ``epoch``, from ``start_step`` (a resumed run starts mid-epoch)."""
         if self.prefetch == 0:
-            for idx in self._indices(epoch, start_step):
+            for idx in self.indices(epoch, start_step):
                 t0 = time.perf_counter()
                 batch = self._read(idx)
                 self.wait_s += time.perf_counter() - t0
@@ -82,7 +83,7 @@ class BatchLoader:
 
         def produce() -> None:
             try:
-                for idx in self._indices(epoch, start_step):
+                for idx in self.indices(epoch, start_step):
                     if not put(self._read(idx)):
                         return
                 put(done)

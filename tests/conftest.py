@@ -1,0 +1,46 @@
+"""Shared fixtures: a digits dataset built once per session, and helpers to run the CLI as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"  # 2-core CI box: ranks oversubscribe, one thread each
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["HPCAI_TTY"] = "0"
+    for key in ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_ID"):
+        env.pop(key, None)  # tests start their own MPI worlds
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 180, **env: str
+) -> subprocess.CompletedProcess:
+    """``python -m hpcai ARGS`` in a subprocess, output captured, under a timeout (never hang)."""
+    return subprocess.run(
+        [sys.executable, "-m", "hpcai", *args],
+        cwd=cwd or ROOT,
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def digits_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from hpcai.data.etl import build_dataset
+
+    out = tmp_path_factory.mktemp("data") / "digits"
+    build_dataset("digits", out, shards=4, log=lambda *_: None)
+    return out
