@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from hpcai.errors import UserError
 
@@ -39,6 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="train a job on N ranks (mpiexec, or in-process under srun/mpiexec)")
     _add_job_args(run)
+    run.add_argument(
+        "--resume",
+        default="auto",
+        metavar="auto|never|force|PATH",
+        help="auto (default): continue from the newest valid checkpoint in RUN_DIR/checkpoints; never: start "
+        "fresh; force: like auto but accept a changed job spec; PATH: that checkpoint",
+    )
+    run.add_argument(
+        "--inject-failure", metavar="step=K[,rank=R]", help="SIGKILL rank R after step K (tests)"
+    )
+    insp = sub.add_parser(
+        "inspect", help="what a checkpoint holds, or which one a run directory would resume"
+    )
+    insp.add_argument("target", help="a checkpoint file or a run directory")
+    insp.add_argument("--json", action="store_true", help="machine-readable output")
     val = sub.add_parser("validate", help="check a job spec and print the resolved spec")
     _add_job_args(val)
     data = sub.add_parser("data", help="datasets")
@@ -77,6 +93,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     spec = _load(args)  # validated before any rank starts: bad input writes nothing
+    if args.resume not in ("auto", "never", "force"):
+        from hpcai.checkpoint import read_checkpoint
+
+        read_checkpoint(Path(args.resume))  # a bad PATH fails here, before any rank starts
+        args.resume = str(Path(args.resume).resolve())
+    if args.inject_failure:
+        from hpcai.train import FailureInjection
+
+        FailureInjection.parse(args.inject_failure)
+        os.environ["HPCAI_INJECT_FAILURE"] = args.inject_failure
+    os.environ["HPCAI_RESUME"] = args.resume
     if mpi_environment():
         from hpcai.worker import run_worker
 
@@ -94,6 +121,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"# {spec.source}: valid ({spec.job.ranks} ranks, run dir {spec.run_dir})")
     print(spec.to_toml(), end="")
     return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from hpcai.inspect import inspect_target
+
+    return inspect_target(Path(args.target), as_json=args.json)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -115,7 +148,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "validate": cmd_validate, "data": cmd_data, "bench": cmd_bench}[args.command]
+    handler = {
+        "run": cmd_run,
+        "validate": cmd_validate,
+        "inspect": cmd_inspect,
+        "data": cmd_data,
+        "bench": cmd_bench,
+    }[args.command]
     try:
         return handler(args)
     except UserError as e:

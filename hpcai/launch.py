@@ -74,9 +74,23 @@ def launch_env(n: int) -> dict[str, str]:
 
 
 def run_ranks(n: int, args: list[str]) -> int:
-    """Run ``python ARGS`` on ``n`` ranks under mpiexec; return its exit status (Ctrl-C reaches all)."""
-    cmd = mpiexec_command(n, args)
+    """Run ``python ARGS`` on ``n`` ranks under mpiexec and return its exit status.
+
+    SIGUSR1/SIGUSR2/SIGTERM sent to this process are passed on to mpiexec, which hands them to every rank
+    (a Slurm batch script may signal either process); Ctrl-C reaches all of them through the terminal.
+    """
+    import signal
+
+    proc = subprocess.Popen(mpiexec_command(n, args), env=launch_env(n))
+    forwarded = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda s, _f: proc.send_signal(s)) for sig in forwarded}
     try:
-        return subprocess.run(cmd, env=launch_env(n)).returncode
-    except KeyboardInterrupt:
-        return 130
+        while True:
+            try:
+                rc = proc.wait()
+                return 128 - rc if rc < 0 else rc  # killed by signal N: the shell's 128+N
+            except KeyboardInterrupt:  # mpiexec got the same Ctrl-C and is shutting the ranks down
+                continue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -84,6 +84,23 @@ class TrainSection:
 
 
 @dataclass(frozen=True)
+class CheckpointSection:
+    every_steps: int = _doc("Checkpoint every this many optimizer steps (0: not by steps).", default=0)
+    every_seconds: float = _doc(
+        "Checkpoint when this many seconds passed since the last (0: not by time).", default=600.0
+    )
+    keep: int = _doc(
+        "Checkpoints kept in RUN_DIR/checkpoints/ (older ones deleted after a newer commits).", default=3
+    )
+    async_save: bool = _doc(
+        "Snapshot to host memory and write in a background thread while training goes on.", default=False
+    )
+    final: bool = _doc(
+        "Write a checkpoint when training ends (what `hpcai predict` and a rerun use).", default=True
+    )
+
+
+@dataclass(frozen=True)
 class SlurmSection:
     nodes: int = _doc("Nodes to allocate.", default=1)
     tasks_per_node: int = _doc("MPI ranks per node; 0 means job.ranks / nodes.", default=0)
@@ -103,6 +120,7 @@ class JobSpec:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     slurm: SlurmSection = field(default_factory=SlurmSection)
     source: str = field(default="<defaults>", compare=False)
 
@@ -313,6 +331,13 @@ def validate(spec: JobSpec) -> None:
             fail("model.factory", f"expected 'path/to/file.py:function', got {m.factory!r}")
         if not Path(file).is_file():
             fail("model.factory", f"no such file {file!r}")
+    c = spec.checkpoint
+    if c.every_steps < 0:
+        fail("checkpoint.every_steps", f"must be >= 0, got {c.every_steps}")
+    if c.every_seconds < 0:
+        fail("checkpoint.every_seconds", f"must be >= 0, got {c.every_seconds}")
+    if c.keep < 1:
+        fail("checkpoint.keep", f"must be >= 1, got {c.keep}")
     s = spec.slurm
     if s.nodes < 1:
         fail("slurm.nodes", f"must be >= 1, got {s.nodes}")

@@ -1,25 +1,31 @@
 """The training loop: strategy-agnostic, no MPI.
 
 The strategy (e.g. :class:`hpcai.parallel.data_parallel.DataParallel`) is handed in and does all
-communication:
-``prepare(model)``, ``zero_grad()``, ``reduce_gradients()``, ``sum(array)``.
+communication: ``prepare(model)``, ``zero_grad()``, ``reduce_gradients()``, ``sum``, ``max``, ``gather``.
+Checkpoints hold everything needed to continue bit for bit: model, optimizer and scheduler state, the position
+(epoch, step within it), every rank's RNG states and the losses of the unfinished logging window.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from hpcai import checkpoint as ckpt
 from hpcai.data.loader import BatchLoader, shard_range
 from hpcai.data.shards import ShardedSplit
 from hpcai.report import Reporter, elapsed
-from hpcai.spec import TrainSection
+from hpcai.spec import CheckpointSection, JobSpec, TrainSection
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on request; run the same command again to continue
 
 
 class Strategy(Protocol):
@@ -30,6 +36,14 @@ class Strategy(Protocol):
     def zero_grad(self) -> None: ...
     def reduce_gradients(self) -> None: ...
     def sum(self, values: np.ndarray) -> np.ndarray: ...
+    def max(self, values: np.ndarray) -> np.ndarray: ...
+    def gather(self, values: np.ndarray) -> np.ndarray | None: ...
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after writing a checkpoint."""
+
+    exit_code = EXIT_PREEMPTED
 
 
 def make_optimizer(model: nn.Module, cfg: TrainSection) -> torch.optim.Optimizer:
@@ -55,6 +69,10 @@ def lr_lambda(cfg: TrainSection, total_steps: int):
     return f
 
 
+def total_steps(cfg: TrainSection, steps_per_epoch: int) -> int:
+    return cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
+
+
 @dataclass
 class Result:
     steps: int
@@ -64,6 +82,32 @@ class Result:
     train_seconds: float
     samples_per_s: float
     data_wait_s: float
+    resumed_from: int | None = None
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FailureInjection:
+    """``--inject-failure step=K[,rank=R]``: SIGKILL rank R right after its K-th optimizer step (a crash)."""
+
+    step: int
+    rank: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> FailureInjection:
+        from hpcai.errors import UserError
+
+        try:
+            kv = dict(item.split("=", 1) for item in text.split(","))
+            unknown = set(kv) - {"step", "rank"}
+            if unknown or "step" not in kv:
+                raise ValueError
+            inj = cls(step=int(kv["step"]), rank=int(kv.get("rank", 0)))
+        except ValueError:
+            raise UserError(f"--inject-failure: expected step=K[,rank=R], got {text!r}") from None
+        if inj.step < 1 or inj.rank < 0:
+            raise UserError(f"--inject-failure: step must be >= 1 and rank >= 0, got {text!r}")
+        return inj
 
 
 def evaluate(model: nn.Module, split: ShardedSplit, strategy: Strategy, rank: int, batch: int = 512) -> float:
@@ -80,73 +124,208 @@ def evaluate(model: nn.Module, split: ShardedSplit, strategy: Strategy, rank: in
     return float(counts[0]) / max(1, int(counts[1]))
 
 
-def total_steps(cfg: TrainSection, steps_per_epoch: int) -> int:
-    return cfg.steps if cfg.steps > 0 else cfg.epochs * steps_per_epoch
+class Trainer:
+    """One run of the loop on one rank; resumable from a checkpoint payload."""
 
+    def __init__(
+        self,
+        spec: JobSpec,
+        model: nn.Module,
+        strategy: Strategy,
+        loader: BatchLoader,
+        reporter: Reporter,
+        rank: int,
+        writer: ckpt.CheckpointWriter | None = None,
+        stop: Any = None,
+        inject: FailureInjection | None = None,
+    ):
+        self.spec, self.cfg = spec, spec.train
+        self.ckpt_cfg: CheckpointSection = spec.checkpoint
+        self.model, self.strategy, self.loader, self.reporter, self.rank = (
+            model,
+            strategy,
+            loader,
+            reporter,
+            rank,
+        )
+        self.writer, self.stop, self.inject = writer, stop, inject
+        strategy.prepare(model)  # rank 0's initial parameters everywhere
+        self.optimizer = make_optimizer(model, self.cfg)
+        self.n_steps = total_steps(self.cfg, loader.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg, self.n_steps))
+        self.step = self.epoch = self.step_in_epoch = 0
+        self.window: list[torch.Tensor] = []  # this rank's losses since the last logged step
+        self.carried: list[float] = []  # rank 0: (rank, step) losses of the window from before a restart
+        self.last_loss = float("nan")  # rank 0: the loss of the last logged step (summary's final_loss)
+        self.resumed_from: int | None = None
+        self.checkpoints: list[dict[str, Any]] = []
 
-def fit(
-    model: nn.Module,
-    strategy: Strategy,
-    loader: BatchLoader,
-    test: ShardedSplit,
-    cfg: TrainSection,
-    reporter: Reporter,
-    rank: int,
-) -> Result:
-    """Train to ``cfg.steps`` (or ``cfg.epochs``) optimizer steps, then evaluate on ``test``."""
-    if loader.steps_per_epoch == 0:
-        raise ValueError(f"the training split has {len(loader.split)} samples, fewer than one global batch")
-    strategy.prepare(model)
-    optimizer = make_optimizer(model, cfg)
-    n_steps = total_steps(cfg, loader.steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, n_steps))
-    loss_fn = nn.CrossEntropyLoss()
-    step, epoch = 0, 0
-    window_loss = torch.zeros(())  # summed locally between logged steps: no sync on the other steps
-    window_n, window_t0 = 0, time.perf_counter()
-    t_start = time.perf_counter()
-    final_loss = float("nan")
-    while step < n_steps:
-        for x, y in loader.epoch(epoch):
-            strategy.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            strategy.reduce_gradients()
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            window_loss += loss.detach()
-            window_n += 1
-            if step % cfg.log_every == 0 or step == n_steps:
-                # The one sync point of a logged step: the mean loss over ranks and window.
-                total = strategy.sum(np.array([float(window_loss), window_n], dtype=np.float64))
-                dt = time.perf_counter() - window_t0
-                final_loss = total[0] / total[1]
-                reporter.step(
-                    {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": final_loss,
+    # -------------------------------------------------------------------------------- checkpoint state
+
+    def restore(self, payload: ckpt.Payload) -> None:
+        """Continue from ``payload`` with the bits of the run that wrote it (any rank count, same batch)."""
+        ckpt.unpack_state(payload, self.model, self.optimizer, self.scheduler)
+        a = payload.attrs
+        self.step, self.epoch, self.step_in_epoch = int(a["step"]), int(a["epoch"]), int(a["step_in_epoch"])
+        saved_world = int(a["world_size"])
+        # A rank beyond the writer's world size (elastic restart onto more ranks) takes rank 0's RNG stream.
+        key = f"rng/rank_{self.rank}" if self.rank < saved_world else "rng/rank_0"
+        ckpt.unpack_rng(payload.arrays[key])
+        self.carried = list(payload.arrays.get("train/window_losses", np.zeros(0))) if self.rank == 0 else []
+        self.last_loss = float(a.get("last_loss", float("nan")))
+        self.resumed_from = self.step
+
+    def save_checkpoint(self) -> None:
+        """Collective: every rank hands rank 0 its RNG state and window losses; rank 0 commits the file."""
+        rngs = self.strategy.gather(ckpt.pack_rng())
+        window = self._gather_window()
+        if not self.strategy.is_root:
+            return
+        self.carried += window
+        payload = ckpt.pack_state(self.model, self.optimizer, self.scheduler)
+        for r, blob in enumerate(rngs):
+            payload.arrays[f"rng/rank_{r}"] = blob
+        payload.arrays["train/window_losses"] = np.asarray(self.carried, dtype=np.float64)
+        epoch, in_epoch = self.epoch, self.step_in_epoch
+        if in_epoch >= self.loader.steps_per_epoch:  # the epoch is done: resume at the next one's start
+            epoch, in_epoch = epoch + 1, 0
+        payload.attrs.update(
+            step=self.step,
+            epoch=epoch,
+            step_in_epoch=in_epoch,
+            samples_seen=self.step * self.loader.global_batch,
+            last_loss=self.last_loss,
+            world_size=self.strategy.world_size,
+            shuffle_seed=self.cfg.seed,
+            spec=_json(self.spec.to_dict()),
+            spec_sha256=self.spec.spec_hash(),
+            versions=_json(_versions()),
+        )
+        path = self.writer.save(payload)
+        self.checkpoints.append(
+            {
+                "step": self.step,
+                "file": path.name,
+                "block_s": self.writer.last_block_s,
+                "async": self.writer.async_save,
+            }
+        )
+        self.reporter.logger.info(f"checkpoint {path.name}: blocked {self.writer.last_block_s * 1e3:.1f} ms")
+
+    def _gather_window(self) -> list[float]:
+        """All ranks' window losses, on rank 0, as (rank, step) values; the local window is then empty."""
+        local = np.array([float(v) for v in self.window], dtype=np.float64)
+        self.window = []
+        gathered = self.strategy.gather(local)
+        return [] if gathered is None else [float(v) for v in np.asarray(gathered).ravel()]
+
+    # -------------------------------------------------------------------------------- the loop
+
+    def fit(self, test: ShardedSplit) -> Result:
+        if self.loader.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training split has {len(self.loader.split)} samples, fewer than one global batch"
+            )
+        loss_fn = nn.CrossEntropyLoss()
+        cfg, ccfg = self.cfg, self.ckpt_cfg
+        t_start = time.perf_counter()
+        last_ckpt = window_t0 = time.perf_counter()
+        window_steps = 0
+        start_step = self.step
+        while self.step < self.n_steps:
+            for x, y in self.loader.epoch(self.epoch, self.step_in_epoch):
+                self.strategy.zero_grad()
+                loss = loss_fn(self.model(x), y)
+                loss.backward()
+                self.strategy.reduce_gradients()
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                self.step_in_epoch += 1
+                self.window.append(loss.detach())
+                window_steps += 1
+                if self.inject and self.inject.step == self.step and self.inject.rank == self.rank:
+                    self.reporter.logger.info(f"injected failure: SIGKILL at step {self.step}")
+                    for h in self.reporter.logger.handlers:
+                        h.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if self.step % cfg.log_every == 0 or self.step == self.n_steps:
+                    values = self.carried + self._gather_window()
+                    self.carried = []
+                    if self.strategy.is_root:
+                        # fsum: exactly rounded whatever the order, so a resumed window logs the same bits.
+                        self.last_loss = math.fsum(values) / len(values)
+                    dt = time.perf_counter() - window_t0
+                    record = {
+                        "step": self.step,
+                        "epoch": self.epoch,
+                        "loss": self.last_loss,
                         "lr": lr,
-                        "samples_per_s": window_n * loader.global_batch / dt,
-                        "wall_s": elapsed(reporter.t0),
-                    },
-                    advance=window_n,
-                )
-                window_loss.zero_()
-                window_n, window_t0 = 0, time.perf_counter()
-            if step >= n_steps:
-                break
-        epoch += 1
-    train_s = time.perf_counter() - t_start
-    accuracy = evaluate(model, test, strategy, rank)
-    return Result(
-        steps=step,
-        epochs=step / loader.steps_per_epoch,
-        final_loss=final_loss,
-        test_accuracy=accuracy,
-        train_seconds=train_s,
-        samples_per_s=step * loader.global_batch / train_s,
-        data_wait_s=loader.wait_s,
-    )
+                        "samples_per_s": window_steps * self.loader.global_batch / dt,
+                        "wall_s": elapsed(self.reporter.t0),
+                    }
+                    self.reporter.step(record, advance=window_steps)
+                    window_steps, window_t0 = 0, time.perf_counter()
+                if self.step >= self.n_steps:
+                    break
+                # One tiny collective a step: all ranks agree on a stop request or a timed checkpoint.
+                now = time.perf_counter()
+                timed = ccfg.every_seconds > 0 and now - last_ckpt >= ccfg.every_seconds
+                stop_flag = bool(self.stop is not None and self.stop.is_set())
+                stop_any, timed_any = self.strategy.max(np.array([stop_flag, timed], dtype=np.int32))
+                by_steps = ccfg.every_steps > 0 and self.step % ccfg.every_steps == 0
+                if self.writer is not None and (by_steps or timed_any or stop_any):
+                    self.save_checkpoint()
+                    last_ckpt = time.perf_counter()
+                if stop_any:
+                    if self.writer is not None:
+                        self.writer.wait()
+                    raise Preempted(f"stopped on a signal at step {self.step}; checkpoint written")
+            else:  # the epoch ran out (not a break): on to the next one
+                self.epoch += 1
+                self.step_in_epoch = 0
+        train_s = time.perf_counter() - t_start
+        if (
+            self.writer is not None
+            and ccfg.final
+            and (not self.checkpoints or self.checkpoints[-1]["step"] != self.step)
+        ):
+            self.save_checkpoint()
+        if self.writer is not None:
+            self.writer.wait()
+        accuracy = evaluate(self.model, test, self.strategy, self.rank)
+        done = self.step - start_step
+        return Result(
+            steps=self.step,
+            epochs=self.step / self.loader.steps_per_epoch,
+            final_loss=self.last_loss,
+            test_accuracy=accuracy,
+            train_seconds=train_s,
+            samples_per_s=done * self.loader.global_batch / train_s if done else 0.0,
+            data_wait_s=self.loader.wait_s,
+            resumed_from=self.resumed_from,
+            checkpoints=self.checkpoints,
+        )
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True)
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import h5py
+
+    from hpcai import __version__
+
+    return {
+        "hpcai": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+    }

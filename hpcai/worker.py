@@ -10,13 +10,17 @@ aborts the whole MPI job, so no rank is left waiting in a collective.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
+from hpcai import __version__
 from hpcai.errors import UserError
 from hpcai.spec import JobSpec, load_spec
 
@@ -36,29 +40,89 @@ def _ensure_dataset(spec: JobSpec, say) -> None:
     )
 
 
+def _select_checkpoint(spec: JobSpec, mode: str, say):
+    """Rank 0: the checkpoint to resume from (or None) under ``--resume auto|never|force|PATH``."""
+    from hpcai import checkpoint as ckpt
+
+    run_dir = spec.run_dir
+    if mode == "never":
+        if ckpt.list_checkpoints(run_dir):
+            raise UserError(
+                f"{ckpt.checkpoint_dir(run_dir)}: holds checkpoints of an earlier run; --resume never would "
+                "mix two runs in one directory: choose another --run-dir or delete them"
+            )
+        return None
+    if mode in ("auto", "force"):
+        found = ckpt.find_resumable(run_dir, warn=say)
+        if found is None:
+            return None
+        path, payload = found
+    else:
+        path = Path(mode)
+        payload = ckpt.read_checkpoint(path)
+    saved = json.loads(payload.attrs["spec"])
+    diffs = ckpt.spec_differences(saved, spec.to_dict())
+    if diffs and mode != "force":
+        raise ckpt.CheckpointError(
+            f"{path}: written by a different job spec ({'; '.join(diffs)}); "
+            "use --resume force to continue with the new spec, or another --run-dir"
+        )
+    if spec.train.batch_size != saved["train"]["batch_size"]:
+        raise ckpt.CheckpointError(f"{path}: train.batch_size differs; the epoch position cannot carry over")
+    say(f"resuming from {path} (step {payload.step}, written by {payload.attrs['world_size']} ranks)")
+    return path
+
+
+def _truncate_metrics(run_dir: Path, keep_through: int) -> None:
+    """Drop metrics.jsonl records after the resumed step: the resumed run writes them again."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [
+        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= keep_through
+    ]
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 def _train(spec: JobSpec, topo, t0: float) -> None:
     import numpy as np
     import torch
     from mpi4py import MPI
 
-    from hpcai import __version__
+    from hpcai import checkpoint as ckpt
     from hpcai.data.loader import BatchLoader
     from hpcai.data.shards import ShardedDataset
     from hpcai.models import build_model
     from hpcai.parallel.data_parallel import DataParallel
     from hpcai.report import Reporter, plot_loss, rank_logger, write_json
-    from hpcai.train import fit, total_steps
+    from hpcai.train import FailureInjection, Trainer, total_steps
 
     run_dir = spec.run_dir
+    resume_mode = os.environ.get("HPCAI_RESUME", "auto")
+    inject = os.environ.get("HPCAI_INJECT_FAILURE")
+    inject = FailureInjection.parse(inject) if inject else None
+    resume_path = None
     if topo.is_root:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "job.toml").write_text(spec.to_toml())
         _ensure_dataset(spec, print)
-    topo.world.Barrier()  # the run directory and dataset exist before any other rank looks
+        resume_path = _select_checkpoint(spec, resume_mode, print)
+        if resume_path is None:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    resume_path = topo.world.bcast(str(resume_path) if resume_path else None, root=0)  # a path: metadata
     logger = rank_logger(run_dir, topo.rank)
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     logger.info(
-        f"start: world {topo.world_size}, host {platform.node()}, pid {os.getpid()}, job {spec.source}"
+        f"start: world {topo.world_size}, host {platform.node()}, pid {os.getpid()}, job {spec.source}, "
+        f"SLURM_RESTART_COUNT={restarts}, resume={resume_path or 'none'}"
     )
+
+    # Stop requests (Slurm's warning signal, a polite kill): checkpoint at the next step and exit 75.
+    stop = threading.Event()
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.manual_seed(spec.train.seed)  # rank 0's initial parameters are broadcast anyway
@@ -74,13 +138,22 @@ def _train(spec: JobSpec, topo, t0: float) -> None:
         spec.data.prefetch,
     )
     n_params = sum(p.numel() for p in model.parameters())
+    payload = (
+        ckpt.read_checkpoint(Path(resume_path), verify=False) if resume_path else None
+    )  # rank 0 verified
+    if payload is not None and topo.is_root:
+        _truncate_metrics(run_dir, payload.step)  # before the reporter appends to it
     reporter = Reporter(run_dir, topo.is_root, logger, total_steps(spec.train, loader.steps_per_epoch), t0)
+    writer = ckpt.CheckpointWriter(run_dir, spec.checkpoint.keep, spec.checkpoint.async_save, log=logger.info)
+    trainer = Trainer(spec, model, strategy, loader, reporter, topo.rank, writer, stop, inject)
+    if payload is not None:
+        trainer.restore(payload)
     reporter.say(
         f"{spec.job.name}: {type(model).__name__} with {n_params:,} parameters, {topo.world_size} ranks, "
         f"global batch {spec.train.batch_size}, {len(data.splits['train'])} training samples -> {run_dir}"
     )
     try:
-        result = fit(model, strategy, loader, data.splits["test"], spec.train, reporter, topo.rank)
+        result = trainer.fit(data.splits["test"])
     finally:
         reporter.close()
     digests = strategy.params_digest(model)
@@ -104,6 +177,9 @@ def _train(spec: JobSpec, topo, t0: float) -> None:
             "params_sha256": digests,
             "params_identical_across_ranks": identical,
             "spec_sha256": spec.spec_hash(),
+            "resumed_from_step": result.resumed_from,
+            "restarts": restarts,
+            "checkpoints": result.checkpoints,
             "versions": {
                 "hpcai": __version__,
                 "python": platform.python_version(),
@@ -113,7 +189,8 @@ def _train(spec: JobSpec, topo, t0: float) -> None:
             },
         }
         write_json(run_dir / "summary.json", summary)
-        plot_loss(reporter.history, run_dir / "loss.png", f"{spec.job.name}: {topo.world_size} ranks")
+        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+        plot_loss(history, run_dir / "loss.png", f"{spec.job.name}: {topo.world_size} ranks")
         reporter.say(
             f"done: {result.steps} steps, final loss {result.final_loss:.4f}, test accuracy "
             f"{result.test_accuracy:.4f}, {summary['wall_s']:.1f} s wall, "
@@ -128,11 +205,17 @@ def run_worker(spec: JobSpec, t0: float | None = None) -> int:
     t0 = t0 if t0 is not None else float(os.environ.get("HPCAI_T0", time.time()))
     from mpi4py import MPI
 
+    from hpcai.train import Preempted
+
     rank = MPI.COMM_WORLD.Get_rank()
     try:
         from hpcai.topology import Topology
 
         _train(spec, Topology.data_parallel(), t0)
+    except Preempted as e:  # every rank agreed to stop at this step: a clean, collective exit
+        if rank == 0:
+            sys.stderr.write(f"hpcai: {e}; run the same command again to continue\n")
+        return e.exit_code
     except BaseException as e:  # noqa: BLE001 - every failure must end every rank
         code = e.exit_code if isinstance(e, UserError) else 1
         if isinstance(e, KeyboardInterrupt):

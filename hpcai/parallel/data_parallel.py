@@ -64,6 +64,17 @@ class DataParallel:
             dp_comm.allreduce_sum_(values, self.topo.dp_comm)
         return values
 
+    def max(self, values: np.ndarray) -> np.ndarray:
+        """Element-wise maximum over the replicas (flags all ranks must agree on)."""
+        values = np.ascontiguousarray(values)
+        if self.world_size > 1:
+            dp_comm.allreduce_max_(values, self.topo.dp_comm)
+        return values
+
+    def gather(self, values: np.ndarray) -> np.ndarray | None:
+        """Rank 0 gets a (world, *shape) array of every rank's equal-shaped ``values``; others get None."""
+        return dp_comm.gather_rows(np.ascontiguousarray(values), self.topo.dp_comm)
+
     def params_digest(self, model: nn.Module) -> list[str] | None:
         """SHA-256 of this rank's parameters, gathered on rank 0 (to prove replicas stayed identical)."""
         h = hashlib.sha256()

@@ -30,6 +30,22 @@ def allreduce_sum_(t: torch.Tensor | np.ndarray, comm: MPI.Comm) -> torch.Tensor
     return ring_allreduce(t, comm, op="sum")
 
 
+def allreduce_max_(a: np.ndarray, comm: MPI.Comm) -> np.ndarray:
+    return ring_allreduce(a, comm, op="max")
+
+
+def gather_rows(a: np.ndarray, comm: MPI.Comm, root: int = 0) -> np.ndarray | None:
+    """Gather equal-shaped arrays into a (size, *shape) array on ``root`` (buffer method, no pickling)."""
+    out = np.empty((comm.Get_size(), *a.shape), dtype=a.dtype) if comm.Get_rank() == root else None
+    if comm.Get_size() == 1:
+        out[0] = a
+        return out
+    send = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+    recv = out.view(np.uint8).reshape(-1) if out is not None else None
+    comm.Gather([send, MPI.BYTE], [recv, MPI.BYTE] if recv is not None else None, root=root)
+    return out
+
+
 def gather_strings(s: str, comm: MPI.Comm) -> list[str] | None:
     """Small metadata to rank 0 (pickled, lowercase method: fine for a few bytes)."""
     return comm.gather(s, root=0)

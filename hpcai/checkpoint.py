@@ -1,0 +1,359 @@
+"""Restartable HDF5 checkpoints: plain datasets and attributes, SHA-256 per dataset, atomic commit, no pickle.
+
+Layout of ``RUN_DIR/checkpoints/step-00000440.h5`` (readable with h5py or ``h5dump`` alone)::
+
+    /model/<param or buffer name>          tensors (bfloat16 stored as int16 bits, attr torch_dtype)
+    /optimizer/state/<param index>/<key>   optimizer tensors (momentum buffers, Adam moments, ...)
+    /rng/rank_<r>                          each rank's packed RNG states (torch, python, numpy), uint8
+    /train/window_losses                   per-(rank, step) losses of the unfinished logging window
+    attrs: format, version, step, epoch, step_in_epoch, world_size, spec (JSON), spec_sha256,
+           optimizer_param_groups, optimizer_scalars, scheduler (JSON), versions, created
+
+Every dataset carries an attribute ``sha256`` of its bytes, checked on load: a corrupted or truncated file is
+reported and skipped in favour of the previous checkpoint. A checkpoint is written to ``.step-*.h5.tmp`` and
+renamed only when complete; older ones beyond ``keep`` are deleted only after a newer one is committed.
+Inspect one with::
+
+    hpcai inspect runs/digits/checkpoints/step-00000440.h5
+    hpcai inspect runs/digits              # which checkpoint a resume would take
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from hpcai.errors import UserError
+
+FORMAT = "hpcai-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: corrupt, truncated, of another job, or missing pieces."""
+
+
+@dataclass
+class Payload:
+    """Everything a checkpoint holds: named arrays and JSON-able attributes."""
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int:
+        return int(self.attrs["step"])
+
+
+# ------------------------------------------------------------------------------------ tensors <-> arrays
+
+
+def tensor_to_array(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    """A numpy view of a CPU tensor's memory and its torch dtype name (numpy has no bfloat16: keep its bits).
+
+    No copy: a synchronous save writes straight from the live tensors; an asynchronous one snapshots them into
+    its reused buffers first.
+    """
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy(), "bfloat16"
+    return t.numpy(), str(t.dtype).removeprefix("torch.")
+
+
+def array_to_tensor(a: np.ndarray, torch_dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(
+        a if a.flags.c_contiguous else a.copy()
+    )  # not ascontiguousarray: it makes 0-dim 1-dim
+    return t.view(torch.bfloat16) if torch_dtype == "bfloat16" else t
+
+
+def pack_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> Payload:
+    """Model, optimizer and scheduler state as arrays + JSON attributes (no Python objects survive)."""
+    p = Payload()
+    dtypes: dict[str, str] = {}
+    for name, t in model.state_dict().items():
+        p.arrays[f"model/{name}"], dtypes[f"model/{name}"] = tensor_to_array(t)
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, state in opt["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                name = f"optimizer/state/{idx}/{key}"
+                p.arrays[name], dtypes[name] = tensor_to_array(value)
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    p.attrs["optimizer_param_groups"] = json.dumps(opt["param_groups"])
+    p.attrs["optimizer_scalars"] = json.dumps(scalars)
+    p.attrs["scheduler"] = json.dumps(scheduler.state_dict())
+    p.attrs["torch_dtypes"] = json.dumps(dtypes)
+    return p
+
+
+def unpack_state(
+    p: Payload, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> None:
+    """Load what :func:`pack_state` stored; a missing tensor or a wrong shape names the tensor."""
+    dtypes = json.loads(p.attrs["torch_dtypes"])
+    expected = model.state_dict()
+    state = {}
+    for name, t in expected.items():
+        key = f"model/{name}"
+        if key not in p.arrays:
+            raise CheckpointError(f"checkpoint lacks tensor {key} that the model has")
+        if tuple(p.arrays[key].shape) != tuple(t.shape):
+            raise CheckpointError(
+                f"checkpoint tensor {key} has shape {tuple(p.arrays[key].shape)}, "
+                f"the model's is {tuple(t.shape)}"
+            )
+        state[name] = array_to_tensor(p.arrays[key], dtypes[key])
+    extra = sorted(k for k in p.arrays if k.startswith("model/") and k[6:] not in expected)
+    if extra:
+        raise CheckpointError(f"checkpoint has tensors the model lacks: {', '.join(extra[:5])}")
+    model.load_state_dict(state)
+    opt_state: dict[int, dict[str, Any]] = {}
+    for key, a in p.arrays.items():
+        if key.startswith("optimizer/state/"):
+            _, _, idx, name = key.split("/", 3)
+            opt_state.setdefault(int(idx), {})[name] = array_to_tensor(a, dtypes[key])
+    for idx, values in json.loads(p.attrs["optimizer_scalars"]).items():
+        opt_state.setdefault(int(idx), {}).update(values)
+    optimizer.load_state_dict(
+        {"state": opt_state, "param_groups": json.loads(p.attrs["optimizer_param_groups"])}
+    )
+    scheduler.load_state_dict(json.loads(p.attrs["scheduler"]))
+
+
+# ------------------------------------------------------------------------------------ RNG states
+
+
+_TORCH_RNG_BYTES = torch.get_rng_state().numel()
+
+
+def pack_rng() -> np.ndarray:
+    """This process's torch, python and numpy RNG states as one fixed-length uint8 array."""
+    version, py_state, _ = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    parts = [
+        torch.get_rng_state().numpy(),
+        np.asarray(py_state, dtype=np.uint32).view(np.uint8),
+        np.asarray(np_keys, dtype=np.uint32).view(np.uint8),
+        np.array([np_pos, np_has_gauss, version], dtype=np.int64).view(np.uint8),
+        np.array([np_cached], dtype=np.float64).view(np.uint8),
+    ]
+    return np.concatenate(parts)
+
+
+def unpack_rng(blob: np.ndarray) -> None:
+    blob = np.ascontiguousarray(blob, dtype=np.uint8)
+    o = _TORCH_RNG_BYTES
+    torch.set_rng_state(torch.from_numpy(blob[:o].copy()))
+    py_state = blob[o : o + 625 * 4].view(np.uint32)
+    o += 625 * 4
+    np_keys = blob[o : o + 624 * 4].view(np.uint32)
+    o += 624 * 4
+    np_pos, np_has_gauss, version = blob[o : o + 24].view(np.int64)
+    np_cached = blob[o + 24 : o + 32].view(np.float64)[0]
+    random.setstate((int(version), tuple(int(v) for v in py_state), None))
+    np.random.set_state(("MT19937", np_keys.copy(), int(np_pos), int(np_has_gauss), float(np_cached)))
+
+
+# ------------------------------------------------------------------------------------ files
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step-{step:08d}.h5"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Committed checkpoints, oldest first (temporary files of unfinished writes are not listed)."""
+    d = checkpoint_dir(run_dir)
+    return sorted(d.glob("step-*.h5")) if d.is_dir() else []
+
+
+def _sha256(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data).hexdigest()
+
+
+def write_checkpoint(path: Path, payload: Payload) -> int:
+    """Write ``payload`` to ``path`` atomically (temporary name, fsync, rename); return the bytes written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key, a in payload.arrays.items():
+                ds = f.create_dataset(key, data=a)
+                ds.attrs["sha256"] = _sha256(a)
+            for key, value in payload.attrs.items():
+                f.attrs[key] = value
+            f.attrs["format"] = FORMAT
+            f.attrs["version"] = VERSION
+            f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        with open(tmp, "rb+") as fh:  # the data must be on disk before the name says it is complete
+            os.fsync(fh.fileno())
+        size = tmp.stat().st_size
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return size
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint(path: Path, verify: bool = True) -> Payload:
+    """Read a checkpoint; with ``verify``, check every dataset's SHA-256. Never executes stored code."""
+    p = Payload()
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                raise CheckpointError(f"{path}: not an hpcai checkpoint (format attribute missing)")
+
+            def visit(name: str, obj: Any) -> None:
+                if isinstance(obj, h5py.Dataset):
+                    a = obj[()]
+                    a = np.asarray(a)
+                    if verify and obj.attrs.get("sha256") != _sha256(a):
+                        raise CheckpointError(
+                            f"{path}: dataset /{name} fails its SHA-256 check (corrupt file)"
+                        )
+                    p.arrays[name] = a
+
+            f.visititems(visit)
+            for key, value in f.attrs.items():
+                p.attrs[key] = value.item() if isinstance(value, np.generic) else value
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, ValueError) as e:  # truncated or garbled HDF5
+        raise CheckpointError(f"{path}: unreadable checkpoint: {e}") from None
+    for key in ("step", "epoch", "step_in_epoch", "world_size", "spec", "torch_dtypes"):
+        if key not in p.attrs:
+            raise CheckpointError(f"{path}: attribute {key!r} missing")
+    return p
+
+
+def find_resumable(run_dir: Path, warn=print) -> tuple[Path, Payload] | None:
+    """The newest checkpoint that reads and verifies; broken newer ones are reported and skipped."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as e:
+            warn(f"warning: skipping checkpoint: {e}")
+    return None
+
+
+def spec_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``section.key: old -> new`` for every key that differs (ignoring what may change on a restart)."""
+    out = []
+    for section in sorted(set(saved) | set(current)):
+        a, b = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if (section, key) in RESTART_MAY_CHANGE or section == "slurm":
+                continue
+            if a.get(key) != b.get(key):
+                out.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return out
+
+
+# Keys a restart may change without making it another job: where it runs, on how many ranks, how often it
+# checkpoints, how it prefetches.
+RESTART_MAY_CHANGE = {
+    ("job", "ranks"),
+    ("job", "run_dir"),
+    ("data", "prefetch"),
+    ("checkpoint", "every_steps"),
+    ("checkpoint", "every_seconds"),
+    ("checkpoint", "keep"),
+    ("checkpoint", "async_save"),
+}
+
+
+# ------------------------------------------------------------------------------------ writer
+
+
+class CheckpointWriter:
+    """Commits checkpoints of one run, synchronously or in a background thread, and prunes old ones.
+
+    Asynchronous mode (CheckFreq's snapshot-then-persist): ``save`` copies the arrays into host buffers
+    that are allocated once and reused, returns, and a thread writes the file while training goes on. At most
+    one write is in flight; the next ``save`` first waits for it.
+    """
+
+    def __init__(self, run_dir: Path, keep: int, async_save: bool, log=print):
+        self.run_dir, self.keep, self.async_save, self.log = Path(run_dir), keep, async_save, log
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._buffers: dict[str, np.ndarray] = {}
+        self.last_block_s = 0.0
+        self.last_write_s = 0.0
+        self.bytes_written = 0
+
+    def save(self, payload: Payload) -> Path:
+        t0 = time.perf_counter()
+        self.wait()
+        path = checkpoint_path(self.run_dir, payload.step)
+        if not self.async_save:
+            self._persist(path, payload)
+        else:
+            snap = Payload(
+                arrays={k: self._snapshot(k, a) for k, a in payload.arrays.items()}, attrs=payload.attrs
+            )
+            self._thread = threading.Thread(target=self._persist_guarded, args=(path, snap), daemon=False)
+            self._thread.start()
+        self.last_block_s = time.perf_counter() - t0
+        return path
+
+    def _snapshot(self, key: str, a: np.ndarray) -> np.ndarray:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != a.shape or buf.dtype != a.dtype:
+            buf = self._buffers[key] = np.empty_like(a)
+        np.copyto(buf, a)
+        return buf
+
+    def _persist_guarded(self, path: Path, payload: Payload) -> None:
+        try:
+            self._persist(path, payload)
+        except BaseException as e:  # surfaced by the next wait(), on the training thread
+            self._error = e
+
+    def _persist(self, path: Path, payload: Payload) -> None:
+        t0 = time.perf_counter()
+        self.bytes_written = write_checkpoint(path, payload)
+        self.last_write_s = time.perf_counter() - t0
+        for old in list_checkpoints(self.run_dir)[: -self.keep]:
+            old.unlink(missing_ok=True)
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is committed; re-raise its error here."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
