@@ -1,4 +1,4 @@
-"""Restartable HDF5 checkpoints: plain datasets and attributes, SHA-256 per dataset, atomic commit, no pickle.
+"""Restartable HDF5 checkpoints: plain datasets and attributes, CRC-32 per dataset, atomic commit, no pickle.
 
 Layout of ``RUN_DIR/checkpoints/step-00000440.h5`` (readable with h5py or ``h5dump`` alone)::
 
@@ -9,8 +9,10 @@ Layout of ``RUN_DIR/checkpoints/step-00000440.h5`` (readable with h5py or ``h5du
     attrs: format, version, step, epoch, step_in_epoch, world_size, spec (JSON), spec_sha256,
            optimizer_param_groups, optimizer_scalars, scheduler (JSON), versions, created
 
-Every dataset carries an attribute ``sha256`` of its bytes, checked on load: a corrupted or truncated file is
-reported and skipped in favour of the previous checkpoint. A checkpoint is written to ``.step-*.h5.tmp`` and
+Every dataset carries an attribute ``crc32`` of its bytes, checked on load: a corrupted or truncated file is
+reported and skipped in favour of the previous checkpoint. CRC-32 (zlib, ~4 GB/s here) rather than SHA-256
+(~1.8 GB/s): it catches the bit flips and truncation storage produces at a fraction of the cost (it is not a
+defence against deliberate tampering). A checkpoint is written to ``.step-*.h5.tmp`` and
 renamed only when complete; older ones beyond ``keep`` are deleted only after a newer one is committed.
 Inspect one with::
 
@@ -20,12 +22,12 @@ Inspect one with::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,8 +187,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(d.glob("step-*.h5")) if d.is_dir() else []
 
 
-def _sha256(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data).hexdigest()
+def _crc32(a: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data)
 
 
 def write_checkpoint(path: Path, payload: Payload) -> int:
@@ -194,10 +196,12 @@ def write_checkpoint(path: Path, payload: Payload) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with h5py.File(tmp, "w") as f:
+        # No HDF5 file locks: one writer (rank 0) to a private temporary name, so locks add nothing, and they
+        # fail on some network file systems (what HDF5_USE_FILE_LOCKING=FALSE works around for other files).
+        with h5py.File(tmp, "w", locking=False) as f:
             for key, a in payload.arrays.items():
                 ds = f.create_dataset(key, data=a)
-                ds.attrs["sha256"] = _sha256(a)
+                ds.attrs["crc32"] = np.uint32(_crc32(a))
             for key, value in payload.attrs.items():
                 f.attrs[key] = value
             f.attrs["format"] = FORMAT
@@ -228,10 +232,10 @@ def _fsync_dir(d: Path) -> None:
 
 
 def read_checkpoint(path: Path, verify: bool = True) -> Payload:
-    """Read a checkpoint; with ``verify``, check every dataset's SHA-256. Never executes stored code."""
+    """Read a checkpoint; with ``verify``, check every dataset's CRC-32. Never executes stored code."""
     p = Payload()
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(path, "r", locking=False) as f:  # committed files never change: nothing to lock
             if f.attrs.get("format") != FORMAT:
                 raise CheckpointError(f"{path}: not an hpcai checkpoint (format attribute missing)")
 
@@ -239,9 +243,9 @@ def read_checkpoint(path: Path, verify: bool = True) -> Payload:
                 if isinstance(obj, h5py.Dataset):
                     a = obj[()]
                     a = np.asarray(a)
-                    if verify and obj.attrs.get("sha256") != _sha256(a):
+                    if verify and obj.attrs.get("crc32") != _crc32(a):
                         raise CheckpointError(
-                            f"{path}: dataset /{name} fails its SHA-256 check (corrupt file)"
+                            f"{path}: dataset /{name} fails its CRC-32 check (corrupt file)"
                         )
                     p.arrays[name] = a
 

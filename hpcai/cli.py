@@ -19,6 +19,8 @@ from pathlib import Path
 
 from hpcai.errors import UserError
 
+BENCHES = ["allreduce", "checkpoint"]  # each is hpcai/bench/<name>.py with main(argv) -> int
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports bad arguments as one line and exit status 2 (its default status, our format)."""
@@ -66,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--test-fraction", type=float, default=0.2)
     build.add_argument("--seed", type=int, default=0)
     bench = sub.add_parser("bench", help="benchmarks against the real peers", add_help=False)
-    bench.add_argument("what", choices=["allreduce"])
+    bench.add_argument("what", choices=BENCHES)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
@@ -141,9 +143,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from hpcai.bench import allreduce
+    import importlib
 
-    return allreduce.main(args.rest)
+    return importlib.import_module(f"hpcai.bench.{args.what}").main(args.rest)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""Benchmarks: `hpcai bench NAME`, each against the real peer measured in the same run."""
