@@ -80,6 +80,10 @@ class TrainSection:
     steps: int = _doc("Optimizer steps to train; wins over epochs when > 0.", default=0)
     seed: int = _doc("Seed of initial parameters and of the per-epoch shuffle.", default=0)
     log_every: int = _doc("Steps between metrics.jsonl records (the last step is always logged).", default=10)
+    eval_every: int = _doc(
+        "Evaluate on the test split every this many epochs, logged as test_accuracy (0: only at the end).",
+        default=0,
+    )
     device: str = _doc("cpu (cuda comes with the benchmarking issue).", default="cpu")
 
 
@@ -307,6 +311,8 @@ def validate(spec: JobSpec) -> None:
         fail("train.epochs", f"set epochs or steps to a positive number (epochs={t.epochs}, steps={t.steps})")
     if t.warmup_steps < 0:
         fail("train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    if t.eval_every < 0:
+        fail("train.eval_every", f"must be >= 0, got {t.eval_every}")
     if t.log_every < 1:
         fail("train.log_every", f"must be >= 1, got {t.log_every}")
     if d.shards < 1:

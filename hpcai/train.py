@@ -83,6 +83,7 @@ class Result:
     samples_per_s: float
     data_wait_s: float
     resumed_from: int | None = None
+    stopped_early: bool = False
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -138,6 +139,7 @@ class Trainer:
         writer: ckpt.CheckpointWriter | None = None,
         stop: Any = None,
         inject: FailureInjection | None = None,
+        on_eval: Any = None,
     ):
         self.spec, self.cfg = spec, spec.train
         self.ckpt_cfg: CheckpointSection = spec.checkpoint
@@ -149,6 +151,10 @@ class Trainer:
             rank,
         )
         self.writer, self.stop, self.inject = writer, stop, inject
+        # on_eval(epoch, test_accuracy) -> bool, called on every rank after each evaluation (eval_every);
+        # True on any rank ends training there (early stopping, e.g. a sweep pruning a trial).
+        self.on_eval = on_eval
+        self.stopped_early = False
         strategy.prepare(model)  # rank 0's initial parameters everywhere
         self.optimizer = make_optimizer(model, self.cfg)
         self.n_steps = total_steps(self.cfg, loader.steps_per_epoch)
@@ -250,7 +256,9 @@ class Trainer:
                     for h in self.reporter.logger.handlers:
                         h.flush()
                     os.kill(os.getpid(), signal.SIGKILL)
-                if self.step % cfg.log_every == 0 or self.step == self.n_steps:
+                epoch_end = self.step_in_epoch == self.loader.steps_per_epoch
+                do_eval = bool(cfg.eval_every) and epoch_end and (self.epoch + 1) % cfg.eval_every == 0
+                if self.step % cfg.log_every == 0 or self.step == self.n_steps or do_eval:
                     values = self.carried + self._gather_window()
                     self.carried = []
                     if self.strategy.is_root:
@@ -265,8 +273,15 @@ class Trainer:
                         "samples_per_s": window_steps * self.loader.global_batch / dt,
                         "wall_s": elapsed(self.reporter.t0),
                     }
+                    if do_eval:  # counts in the training time, as MLPerf's time-to-train does
+                        record["test_accuracy"] = evaluate(self.model, test, self.strategy, self.rank)
                     self.reporter.step(record, advance=window_steps)
                     window_steps, window_t0 = 0, time.perf_counter()
+                    if do_eval and self.on_eval is not None:
+                        verdict = bool(self.on_eval(self.epoch, record["test_accuracy"]))
+                        if self.strategy.max(np.array([verdict], dtype=np.int32))[0]:
+                            self.stopped_early = True
+                            break
                 if self.step >= self.n_steps:
                     break
                 # One tiny collective a step: all ranks agree on a stop request or a timed checkpoint.
@@ -285,6 +300,9 @@ class Trainer:
             else:  # the epoch ran out (not a break): on to the next one
                 self.epoch += 1
                 self.step_in_epoch = 0
+                continue
+            if self.stopped_early:
+                break
         train_s = time.perf_counter() - t_start
         if (
             self.writer is not None
@@ -305,6 +323,7 @@ class Trainer:
             samples_per_s=done * self.loader.global_batch / train_s if done else 0.0,
             data_wait_s=self.loader.wait_s,
             resumed_from=self.resumed_from,
+            stopped_early=self.stopped_early,
             checkpoints=self.checkpoints,
         )
 

@@ -86,7 +86,12 @@ def _truncate_metrics(run_dir: Path, keep_through: int) -> None:
     os.replace(tmp, path)
 
 
-def _train(spec: JobSpec, topo, t0: float) -> None:
+def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
+    """Train ``spec`` on the ranks of ``topo`` (any communicator: COMM_WORLD, or a sweep's sub-communicator).
+
+    Returns the summary on the topology's rank 0, None elsewhere. ``on_eval(epoch, test_accuracy) -> bool``
+    is called on every rank after each evaluation (``train.eval_every``); True stops training early.
+    """
     import numpy as np
     import torch
     from mpi4py import MPI
@@ -145,7 +150,7 @@ def _train(spec: JobSpec, topo, t0: float) -> None:
         _truncate_metrics(run_dir, payload.step)  # before the reporter appends to it
     reporter = Reporter(run_dir, topo.is_root, logger, total_steps(spec.train, loader.steps_per_epoch), t0)
     writer = ckpt.CheckpointWriter(run_dir, spec.checkpoint.keep, spec.checkpoint.async_save, log=logger.info)
-    trainer = Trainer(spec, model, strategy, loader, reporter, topo.rank, writer, stop, inject)
+    trainer = Trainer(spec, model, strategy, loader, reporter, topo.rank, writer, stop, inject, on_eval)
     if payload is not None:
         trainer.restore(payload)
     reporter.say(
@@ -178,6 +183,7 @@ def _train(spec: JobSpec, topo, t0: float) -> None:
             "params_identical_across_ranks": identical,
             "spec_sha256": spec.spec_hash(),
             "resumed_from_step": result.resumed_from,
+            "stopped_early": result.stopped_early,
             "restarts": restarts,
             "checkpoints": result.checkpoints,
             "versions": {
@@ -198,6 +204,8 @@ def _train(spec: JobSpec, topo, t0: float) -> None:
         )
         if not identical:
             raise RuntimeError(f"parameters differ across ranks after training: {digests}")
+        return summary
+    return None
 
 
 def run_worker(spec: JobSpec, t0: float | None = None) -> int:
@@ -211,7 +219,7 @@ def run_worker(spec: JobSpec, t0: float | None = None) -> int:
     try:
         from hpcai.topology import Topology
 
-        _train(spec, Topology.data_parallel(), t0)
+        train_job(spec, Topology.data_parallel(), t0)
     except Preempted as e:  # every rank agreed to stop at this step: a clean, collective exit
         if rank == 0:
             sys.stderr.write(f"hpcai: {e}; run the same command again to continue\n")
