@@ -146,7 +146,8 @@ def info_command(args: argparse.Namespace) -> int:
         )
         norm = m.get("normalization", {})
         print(
-            f"  normalisation (train): mean {norm.get('mean', float('nan')):.6g} std {norm.get('std', float('nan')):.6g}"
+            f"  normalisation (train): mean {norm.get('mean', float('nan')):.6g} "
+            f"std {norm.get('std', float('nan')):.6g}"
         )
         for name, entry in m["splits"].items():
             print(f"  {name}: {entry['rows']} samples in {len(entry['shards'])} shards")

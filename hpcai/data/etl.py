@@ -14,9 +14,9 @@ Command lines::
     mpiexec -n 4 hpcai data build images/ --out data/img      # already under MPI: every rank in-process
     python -m hpcai.data.etl digits data/digits               # one process, defaults
 
-Every rank writes the shards ``r, r + world, ...`` of the list of all shards of all splits. The directory is built
-under a temporary name beside DIR and renamed by rank 0 after every rank reported success, so a crash never
-leaves a half-built dataset that looks valid; any rank's failure removes the temporary directory.
+Every rank writes the shards ``r, r + world, ...`` of the list of all shards of all splits. The directory is
+built under a temporary name beside DIR and renamed by rank 0 after every rank reported success, so a crash
+never leaves a half-built dataset that looks valid; any rank's failure removes the temporary directory.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 def split_indices(
     n: int, test_fraction: float, seed: int, val_fraction: float = 0.0
 ) -> tuple[np.ndarray, ...]:
-    """A seeded permutation cut into sorted (train, test) index arrays, or (train, test, val) with a val split.
+    """A seeded permutation cut into sorted (train, test) index arrays, or (train, test, val) with val rows.
 
     The test rows are the permutation's head whatever ``val_fraction`` is, so adding a val split never moves a
     sample into or out of the test set.
@@ -119,7 +119,7 @@ class Moments:
 
 
 def plan_shards(split_rows: dict[str, np.ndarray], shards: int) -> list[dict]:
-    """Every shard of every split: name and source rows. ``shards`` for train, a quarter of it for the others."""
+    """Every shard of every split: name and source rows. ``shards`` for train, a quarter of it for others."""
     plan = []
     for split, idx in split_rows.items():
         n_want = shards if split == "train" else max(1, shards // 4)
@@ -151,7 +151,7 @@ def write_shard(
     path = out / task["file"]
     filters = dict(COMPRESSION[compression], fletcher32=checksum == "fletcher32")
     # All of x's chunks allocated at creation, in row order, back to back: an unfiltered shard is then one
-    # plain run of bytes that the reader can preadv/memory-map (see shards._Shard). No fill pass: we write all.
+    # plain run of bytes that the reader can preadv/memory-map (see shards._Shard). No fill pass.
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
@@ -191,7 +191,7 @@ def write_shard(
 
 
 class _Progress:
-    """Rank 0's progress line: its own bytes and rows, extrapolated to the world (ranks share the work evenly)."""
+    """Rank 0's progress line: its own bytes and rows, extrapolated to the world (ranks share work evenly)."""
 
     def __init__(self, log: Callable, world: int, total_rows: int, enabled: bool):
         self.log, self.world, self.total, self.enabled = log, world, total_rows, enabled

@@ -1,16 +1,16 @@
 """Per-rank batches of a global batch, read from the shards, transformed and prefetched by reader threads.
 
-Every epoch has one seeded permutation of the split, identical on all ranks (seed + epoch); global step s takes
-rows ``perm[s*B : (s+1)*B]`` and rank r reads its contiguous part ``[r*b : (r+1)*b]`` of that, b = B / world.
+Every epoch has one seeded permutation of the split, identical on all ranks (seed + epoch); global step s
+takes rows ``perm[s*B : (s+1)*B]`` and rank r reads its contiguous part ``[r*b : (r+1)*b]``, b = B / world.
 So step s of an epoch is the same global batch whatever the rank count, and a resumed run restarts at
 ``epoch(e, start_step=s)``: the position in the epoch is just (e, s). The last incomplete global batch is
 dropped (``drop_last=True``: every sample at most once per epoch, by exactly one rank) or padded with the
 epoch's first rows (``drop_last=False``: every sample at least once). The loader knows no MPI: it is handed
 (rank, world).
 
-Speed: when the split fits ``cache_bytes`` it is read once, sequentially, into memory (each rank touches all of
-it over a few epochs anyway, since the permutation is global); otherwise each batch is read by
-:meth:`ShardedSplit.read`. ``readers`` threads read and transform batches ahead (``prefetch`` in flight at most):
+Speed: when the split fits ``cache_bytes`` it is read once, sequentially, into memory (each rank touches all
+of it over a few epochs anyway, since the permutation is global); otherwise each batch is read by
+:meth:`ShardedSplit.read`. ``readers`` threads read and transform batches ahead (``prefetch`` in flight):
 numpy copies and ``preadv`` release the GIL, so reading overlaps the training step.
 """
 
@@ -26,7 +26,7 @@ import torch
 
 from hpcai.data.shards import ShardedSplit
 
-# transform(x, epoch, step, offset, global_batch) -> x; offset is this rank's first position in the global batch
+# transform(x, epoch, step, offset, global_batch) -> x; offset: this rank's first position in the global batch
 Transform = Callable[[np.ndarray, int, int, int, int], np.ndarray]
 
 

@@ -3,11 +3,11 @@
 Rows are addressed by a global index within a split; a read touches only the shard files that hold the rows.
 Two paths, chosen per shard when it is opened:
 
-- **raw**: shards built with ``--checksum none --compression none`` store ``x`` as plain bytes (chunks laid out
-  in order, which we check). We read them like ``dd`` does: ``preadv`` straight into the caller's array for
-  runs of rows, a memory map for scattered rows. No HDF5 call per batch, and the GIL is released while copying.
-- **h5py**: anything filtered (Fletcher32, gzip, lzf) goes through HDF5, which verifies and decodes every chunk;
-  scattered rows are read as merged runs (a few slices) rather than h5py's slow per-point fancy selection.
+- **raw**: shards built with ``--checksum none --compression none`` store ``x`` as plain bytes (chunks laid
+  out in order, which we check). We read them like ``dd`` does: ``preadv`` into the caller's array for
+  runs of rows, a memory map for scattered rows. No HDF5 call per batch; the GIL is released while copying.
+- **h5py**: anything filtered (Fletcher32, gzip, lzf) goes through HDF5, which verifies and decodes every
+  chunk; scattered rows are read as merged runs (a few slices), not h5py's slow per-point selection.
 
 A split can also be cached in memory (:meth:`ShardedSplit.cache`): one sequential pass, then batches are numpy
 slices. The loader does that when the split fits its budget.
@@ -43,7 +43,8 @@ class _Shard:
         self.x = self.h5["x"]
         if self.x.shape[1:] != sample_shape or len(self.x) != len(self.h5["y"]) or len(self.x) != rows:
             raise DatasetError(
-                f"{path}: x{self.x.shape} / y{self.h5['y'].shape} do not match the manifest ({rows} rows of {sample_shape})"
+                f"{path}: x{self.x.shape} / y{self.h5['y'].shape} do not match the manifest "
+                f"({rows} rows of {sample_shape})"
             )
         try:
             self.y = self.h5["y"][:]
@@ -55,7 +56,7 @@ class _Shard:
         self._mm: np.ndarray | None = None
 
     def _raw_offset(self) -> int | None:
-        """Byte offset of x's rows if they lie in the file as one plain run, else None (filters, odd layout)."""
+        """Byte offset of x's rows if they lie in the file as one plain run, else None"""
         d = self.x
         if len(d) == 0 or d.compression or d.fletcher32 or d.shuffle or d.scaleoffset:
             return None
@@ -118,7 +119,7 @@ class _Shard:
 
 
 class ShardedSplit:
-    """One split (train, val or test) of a dataset: its shard files opened lazily, read by global row index."""
+    """One split (train, val or test) of a dataset: shard files opened lazily, read by global row index."""
 
     def __init__(
         self, root: Path, split: str, entry: dict, sample_shape: tuple[int, ...], x_dtype: str = "float32"
@@ -189,7 +190,7 @@ class ShardedSplit:
         return x[inverse], y[inverse]
 
     def cache(self, budget_bytes: int) -> bool:
-        """Hold the whole split in memory if it fits ``budget_bytes`` (one sequential read); True if cached."""
+        """Hold the whole split in memory if it fits ``budget_bytes`` (one sequential read); True if cached"""
         if self._cache is None and self.nbytes <= budget_bytes:
             self._cache = self.read_range(0, self.rows)
         return self._cache is not None

@@ -1,8 +1,8 @@
 """Batch transforms run in the loader's reader threads: normalise with the manifest's statistics, and a seeded
 random crop + horizontal flip for images.
 
-Randomness is drawn for the whole global batch from (seed, epoch, step), and each rank takes its slice: a sample
-gets the same augmentation whatever the rank count, and a run resumed at (epoch, step) repeats it exactly.
+Randomness is drawn for the whole global batch from (seed, epoch, step), and each rank takes its slice: a
+sample gets the same augmentation whatever the rank count, and a run resumed at (epoch, step) repeats it.
 """
 
 from __future__ import annotations
