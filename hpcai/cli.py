@@ -5,6 +5,8 @@ hpcai run jobs/digits.toml -n 4 --set train.lr=0.05 --run-dir runs/try1
 hpcai run                                  # the embedded default job (digits, 2 ranks)
 hpcai validate jobs/digits.toml            # check the spec only; nothing is written
 hpcai data build digits --out data/digits --shards 4
+hpcai data build /tmp/x.npz --out /tmp/x -n 2 --shards 8 && hpcai data info /tmp/x
+hpcai bench io /tmp/x --json io.json
 hpcai bench allreduce -n 2 --sizes 64KiB,4MiB --json ar.json
 python -m hpcai ...                        # the same
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from hpcai.errors import UserError
 
-BENCHES = ["allreduce", "checkpoint"]  # each is hpcai/bench/<name>.py with main(argv) -> int
+BENCHES = ["allreduce", "checkpoint", "io"]  # each is hpcai/bench/<name>.py with main(argv) -> int
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,12 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_args(val)
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
-    build = data_sub.add_parser("build", help="build a sharded HDF5 dataset")
-    build.add_argument("source", help="digits")
-    build.add_argument("--out", required=True, help="output directory (must not exist)")
-    build.add_argument("--shards", type=int, default=4)
-    build.add_argument("--test-fraction", type=float, default=0.2)
-    build.add_argument("--seed", type=int, default=0)
+    from hpcai.data.commands import add_arguments
+
+    add_arguments(data_sub)  # build, info
     bench = sub.add_parser("bench", help="benchmarks against the real peers", add_help=False)
     bench.add_argument("what", choices=BENCHES)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
@@ -132,14 +131,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from hpcai.data.etl import build_dataset
+    from hpcai.data.commands import build_command, info_command
 
-    if args.shards < 1:
-        raise UserError(f"--shards: must be >= 1, got {args.shards}")
-    if not 0 < args.test_fraction < 1:
-        raise UserError(f"--test-fraction: must be in (0, 1), got {args.test_fraction}")
-    build_dataset(args.source, args.out, args.shards, args.test_fraction, args.seed)
-    return 0
+    return build_command(args) if args.data_command == "build" else info_command(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -1,15 +1,22 @@
-"""Build sharded HDF5 datasets.
+"""Build sharded HDF5 datasets, on one process or on every rank of an MPI job.
 
 Layout of a dataset directory (readable with h5py or h5dump alone)::
 
     DIR/manifest.json              counts, shapes, dtypes, splits, per-shard SHA-256, normalisation stats
     DIR/train-00000-of-00004.h5    datasets x (N, *shape) and y (N,), chunked by rows
+    DIR/val-00000-of-00001.h5      (only with --val-fraction > 0 or val_*.npy files)
     DIR/test-00000-of-00001.h5
 
-The directory is built under a temporary name beside DIR and renamed into place when complete, so a crash
-never leaves a half-built dataset that looks valid. Run it on its own with::
+Command lines::
 
-    python -m hpcai.data.etl digits data/digits
+    hpcai data build digits --out data/digits --shards 4
+    hpcai data build /tmp/big.npz --out /tmp/big -n 2 --shards 8 --val-fraction 0.1
+    mpiexec -n 4 hpcai data build images/ --out data/img      # already under MPI: every rank in-process
+    python -m hpcai.data.etl digits data/digits               # one process, defaults
+
+Every rank writes the shards ``r, r + world, ...`` of the list of all shards of all splits. The directory is
+built under a temporary name beside DIR and renamed by rank 0 after every rank reported success, so a crash
+never leaves a half-built dataset that looks valid; any rank's failure removes the temporary directory.
 """
 
 from __future__ import annotations
@@ -19,16 +26,24 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from hpcai.errors import DatasetError
+from hpcai.data.sources import Source, open_source
+from hpcai.errors import DatasetError, UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: big sequential reads; random batches come from the loader's cache
+BLOCK_BYTES = 64 << 20  # rows transformed and written per step: bounds memory whatever the shard size
+COMPRESSION = {
+    "none": {},
+    "gzip": {"compression": "gzip", "compression_opts": 4},
+    "lzf": {"compression": "lzf"},
+}
 
 
 def sha256_file(path: Path) -> str:
@@ -48,32 +63,173 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return x, d.target.astype(np.int64)
 
 
-def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded permutation cut into (train, test) index arrays, each sorted to keep file order stable."""
+def split_indices(
+    n: int, test_fraction: float, seed: int, val_fraction: float = 0.0
+) -> tuple[np.ndarray, ...]:
+    """A seeded permutation cut into sorted (train, test) index arrays, or (train, test, val) with val rows.
+
+    The test rows are the permutation's head whatever ``val_fraction`` is, so adding a val split never moves a
+    sample into or out of the test set.
+    """
     perm = np.random.default_rng(seed).permutation(n)
     n_test = max(1, int(round(n * test_fraction)))
-    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+    if not val_fraction:
+        return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+    n_val = max(1, int(round(n * val_fraction)))
+    if n_test + n_val >= n:
+        raise DatasetError(
+            f"{n} samples leave no training split with test {test_fraction} and val {val_fraction}"
+        )
+    return np.sort(perm[n_test + n_val :]), np.sort(perm[:n_test]), np.sort(perm[n_test : n_test + n_val])
 
 
-def write_split(out: Path, split: str, x: np.ndarray, y: np.ndarray, shards: int) -> list[dict]:
-    """Write one split as ``shards`` files of near-equal row counts; return their manifest entries."""
-    entries = []
-    bounds = np.linspace(0, len(x), min(shards, max(1, len(x))) + 1).astype(int)
-    n_files = len(bounds) - 1
-    for i in range(n_files):
-        lo, hi = bounds[i], bounds[i + 1]
-        name = f"{split}-{i:05d}-of-{n_files:05d}.h5"
-        with h5py.File(out / name, "w") as f:
-            # Chunks of ~64 KiB of rows: a batch read touches few chunks, and the Fletcher32 filter checks
-            # every chunk on read.
-            row_bytes = max(1, int(np.prod(x.shape[1:])) * x.dtype.itemsize)
-            rows = int(max(1, min(hi - lo, (64 << 10) // row_bytes)))
-            f.create_dataset("x", data=x[lo:hi], chunks=(rows, *x.shape[1:]), fletcher32=True)
-            f.create_dataset("y", data=y[lo:hi], chunks=(rows,), fletcher32=True)
-            f.attrs["split"] = split
-            f.attrs["first_row"] = int(lo)
-        entries.append({"file": name, "rows": int(hi - lo), "sha256": sha256_file(out / name)})
-    return entries
+class Moments:
+    """Per-channel count, mean and M2 (Chan et al.'s parallel merge: stable where sum of squares is not)."""
+
+    def __init__(self, channels: int):
+        self.n, self.mean, self.m2 = 0, np.zeros(channels), np.zeros(channels)
+
+    def add(self, x: np.ndarray) -> None:
+        xs = x.reshape(len(x), len(self.mean), -1).astype(np.float64)
+        n = xs.shape[0] * xs.shape[2]
+        mean = xs.mean(axis=(0, 2))
+        m2 = ((xs - mean[None, :, None]) ** 2).sum(axis=(0, 2))
+        self.merge(n, mean, m2)
+
+    def merge(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        if n == 0:
+            return
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * n / total
+        self.m2 = self.m2 + m2 + delta**2 * self.n * n / total
+        self.n = total
+
+    def summary(self) -> dict:
+        overall = Moments(1)
+        for c in range(len(self.mean)):
+            overall.merge(self.n, self.mean[c : c + 1], self.m2[c : c + 1])
+        std = np.sqrt(self.m2 / max(1, self.n))
+        return {
+            "mean": float(overall.mean[0]),
+            "std": float(np.sqrt(overall.m2[0] / max(1, overall.n))),
+            "channel_mean": [float(v) for v in self.mean],
+            "channel_std": [float(v) for v in std],
+        }
+
+
+def plan_shards(split_rows: dict[str, np.ndarray], shards: int) -> list[dict]:
+    """Every shard of every split: name and source rows. ``shards`` for train, a quarter of it for others."""
+    plan = []
+    for split, idx in split_rows.items():
+        n_want = shards if split == "train" else max(1, shards // 4)
+        bounds = np.linspace(0, len(idx), min(n_want, max(1, len(idx))) + 1).astype(int)
+        n_files = len(bounds) - 1
+        for i in range(n_files):
+            plan.append(
+                {
+                    "split": split,
+                    "file": f"{split}-{i:05d}-of-{n_files:05d}.h5",
+                    "first_row": int(bounds[i]),
+                    "rows": idx[bounds[i] : bounds[i + 1]],
+                }
+            )
+    return plan
+
+
+def write_shard(
+    out: Path, task: dict, src: Source, compression: str, checksum: str, progress: Callable
+) -> dict:
+    """Transform and write one shard block by block; return its manifest entry and train statistics."""
+    rows = task["rows"]
+    row_bytes = max(1, int(np.prod(src.sample_shape)) * src.x_dtype.itemsize)
+    chunk = int(max(1, min(len(rows), CHUNK_BYTES // row_bytes)))
+    block = max(
+        chunk, BLOCK_BYTES // row_bytes // chunk * chunk
+    )  # whole chunks per block: no chunk rewritten
+    moments = Moments(src.sample_shape[0] if len(src.sample_shape) >= 2 else 1)
+    path = out / task["file"]
+    filters = dict(COMPRESSION[compression], fletcher32=checksum == "fletcher32")
+    # All of x's chunks allocated at creation, in row order, back to back: an unfiltered shard is then one
+    # plain run of bytes that the reader can preadv/memory-map (see shards._Shard). No fill pass.
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    with h5py.File(path, "w") as f:
+        # Chunks of whole rows, ~1 MiB: a sequential read is a few large reads; Fletcher32 (default) lets HDF5
+        # check every chunk it reads, so a corrupted shard fails loudly at read time, naming the file.
+        dx = f.create_dataset(
+            "x",
+            (len(rows), *src.sample_shape),
+            src.x_dtype,
+            chunks=(chunk, *src.sample_shape),
+            dcpl=dcpl,
+            **filters,
+        )
+        dy = f.create_dataset("y", (len(rows),), np.int64, chunks=(min(len(rows), 1 << 17),), **filters)
+        for lo in range(0, len(rows), block):
+            x, y = src.rows(rows[lo : lo + block])
+            dx[lo : lo + len(x)] = x
+            dy[lo : lo + len(y)] = y
+            if task["split"] == "train":
+                moments.add(x)
+            progress(x.nbytes + y.nbytes, len(x))
+        f.attrs["split"] = task["split"]
+        f.attrs["first_row"] = task["first_row"]
+    entry = {
+        "file": task["file"],
+        "rows": int(len(rows)),
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+    }
+    return {
+        "split": task["split"],
+        "entry": entry,
+        "moments": (moments.n, moments.mean, moments.m2),
+        "chunk": chunk,
+    }
+
+
+class _Progress:
+    """Rank 0's progress line: its own bytes and rows, extrapolated to the world (ranks share work evenly)."""
+
+    def __init__(self, log: Callable, world: int, total_rows: int, enabled: bool):
+        self.log, self.world, self.total, self.enabled = log, world, total_rows, enabled
+        self.t0 = self.last = time.perf_counter()
+        self.bytes = self.rows = 0
+
+    def __call__(self, nbytes: int, nrows: int) -> None:
+        self.bytes += nbytes
+        self.rows += nrows
+        now = time.perf_counter()
+        if self.enabled and now - self.last > 2.0:
+            self.last = now
+            dt = now - self.t0
+            done = min(self.total, self.rows * self.world)
+            self.log(
+                f"build: ~{done:,}/{self.total:,} rows, {self.world * self.bytes / dt / 1e6:.0f} MB/s (est.)"
+            )
+
+
+def _collective(comm, fn: Callable, root_only: bool = False):
+    """Run ``fn`` (on rank 0 only if ``root_only``); every rank learns every rank's result or error.
+
+    Errors travel as (is_user_error, message) instead of aborting, so all ranks leave the build together and
+    rank 0 can remove the temporary directory: no rank waits forever in a collective, nothing is left behind.
+    """
+    rank = comm.Get_rank() if comm is not None else 0
+    try:
+        result = (True, fn()) if (not root_only or rank == 0) else (True, None)
+    except UserError as e:
+        result = (False, (True, str(e)))
+    except Exception as e:  # noqa: BLE001 - reported to every rank, re-raised below
+        result = (False, (False, f"rank {rank}: {type(e).__name__}: {e}"))
+    results = comm.allgather(result) if comm is not None else [result]
+    for ok, value in results:
+        if not ok:
+            user, msg = value
+            raise DatasetError(msg) if user else RuntimeError(msg)
+    return [value for _, value in results]
 
 
 def build_dataset(
@@ -82,54 +238,127 @@ def build_dataset(
     shards: int = 4,
     test_fraction: float = 0.2,
     seed: int = 0,
-    log=print,
+    log: Callable = print,
+    *,
+    val_fraction: float = 0.0,
+    compression: str = "none",
+    checksum: str = "fletcher32",
+    label_column: str = "label",
+    overwrite: bool = False,
+    comm=None,
+    tmp_name: str | None = None,
 ) -> Path:
-    """Build ``source`` ('digits') into a sharded dataset at ``out``; refuse to overwrite one."""
+    """Build ``source`` into a sharded dataset at ``out``; every rank of ``comm`` (None: just this process)
+    writes its share of the shards. Refuses an existing ``out`` unless ``overwrite``."""
     out = Path(out)
-    if out.exists():
-        raise DatasetError(f"{out}: already exists; remove it or choose another --out")
-    if source != "digits":
-        raise DatasetError(f"{source}: unknown source (supported: digits)")
+    rank = comm.Get_rank() if comm is not None else 0
+    world = comm.Get_size() if comm is not None else 1
+    say = log if rank == 0 else (lambda *_: None)
     t0 = time.perf_counter()
-    x, y = load_digits_arrays()
-    train_idx, test_idx = split_indices(len(x), test_fraction, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    if compression not in COMPRESSION:
+        raise UserError(f"--compression: {compression!r} is not one of {', '.join(COMPRESSION)}")
+
+    def prepare() -> str:
+        if out.exists():
+            if not overwrite:
+                raise DatasetError(
+                    f"{out}: already exists; remove it, choose another --out, or pass --overwrite"
+                )
+            if not (out / "manifest.json").is_file() and any(out.iterdir()):
+                raise DatasetError(
+                    f"{out}: exists and is not a dataset (no manifest.json); not overwriting it"
+                )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / (tmp_name or f".{out.name}.tmp-{os.getpid()}-{time.time_ns()}")
+        tmp.mkdir()
+        return str(tmp)
+
+    tmp = Path(_collective(comm, prepare, root_only=True)[0])
     try:
-        manifest = {
-            "format": "hpcai-sharded-hdf5",
-            "version": FORMAT_VERSION,
-            "source": source,
-            "sample_shape": list(x.shape[1:]),
-            "x_dtype": str(x.dtype),
-            "y_dtype": str(y.dtype),
-            "num_classes": int(y.max()) + 1,
-            "split_seed": seed,
-            "test_fraction": test_fraction,
-            # Statistics of the training split only, so the test split stays unseen.
-            "normalization": {"mean": float(x[train_idx].mean()), "std": float(x[train_idx].std())},
-            "splits": {},
-        }
-        for split, idx in (("train", train_idx), ("test", test_idx)):
-            n_shards = shards if split == "train" else max(1, shards // 4)
-            files = write_split(tmp, split, x[idx], y[idx], n_shards)
-            manifest["splits"][split] = {"rows": int(len(idx)), "shards": files}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        try:
-            os.rename(tmp, out)  # atomic; fails if another process built a non-empty `out` meanwhile
-        except OSError:
-            if not (out / "manifest.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # theirs is complete: keep it
+        src_box: list[Source] = []
+
+        def transform() -> list[dict]:
+            src = open_source(source, label_column)  # every rank: metadata and labels only, rows come lazily
+            src_box.append(src)
+            if src.splits is not None:
+                split_rows = src.splits
+            else:
+                parts = split_indices(len(src), test_fraction, seed, val_fraction)
+                split_rows = dict(zip(("train", "test", "val"), parts, strict=False))
+            plan = plan_shards(split_rows, shards)
+            mine = plan[rank::world]
+            progress = _Progress(say, world, len(src), enabled=rank == 0)
+            return [write_shard(tmp, t, src, compression, checksum, progress) for t in mine] + [
+                {
+                    "plan": [(t["split"], t["file"]) for t in plan],
+                    "split_rows": {k: len(v) for k, v in split_rows.items()},
+                }
+            ]
+
+        per_rank = _collective(comm, transform)
+
+        def commit() -> None:
+            src = src_box[0]
+            results = {r["entry"]["file"]: r for part in per_rank for r in part[:-1]}
+            info = per_rank[0][-1]
+            moments = Moments(src.sample_shape[0] if len(src.sample_shape) >= 2 else 1)
+            splits: dict[str, dict] = {s: {"rows": n, "shards": []} for s, n in info["split_rows"].items()}
+            for split, name in info["plan"]:
+                r = results[name]
+                splits[split]["shards"].append(r["entry"])
+                if split == "train":
+                    moments.merge(*r["moments"])
+            manifest = {
+                "format": "hpcai-sharded-hdf5",
+                "version": FORMAT_VERSION,
+                "source": source,
+                "sample_shape": list(src.sample_shape),
+                "x_dtype": str(src.x_dtype),
+                "y_dtype": "int64",
+                "num_classes": int(src.y.max()) + 1 if src.classes is None else len(src.classes),
+                "classes": src.classes,
+                "split_seed": seed,
+                "test_fraction": test_fraction if src.splits is None else None,
+                "val_fraction": val_fraction if src.splits is None else None,
+                "compression": compression,
+                "checksum": checksum,
+                "chunk_rows": max(r["chunk"] for r in results.values()),
+                # Statistics of the training split only, so the val and test splits stay unseen.
+                "normalization": moments.summary(),
+                "built_with_ranks": world,
+                "splits": splits,
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            if out.exists():  # --overwrite, checked in prepare(): move the old one aside, then remove it
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                os.rename(out, old)
+                os.rename(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+                return
+            try:
+                os.rename(tmp, out)  # atomic; fails if another process built a non-empty `out` meanwhile
+            except OSError:
+                if not (out / "manifest.json").is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # theirs is complete: keep it
+
+        _collective(comm, commit, root_only=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    n = len(x)
-    log(f"built {out}: {n} samples ({len(train_idx)} train, {len(test_idx)} test) in {time.perf_counter() - t0:.2f} s")
+    rows = sum(per_rank[0][-1]["split_rows"].values())
+    nbytes = sum(r["entry"]["bytes"] for part in per_rank for r in part[:-1])
+    dt = time.perf_counter() - t0
+    counts = ", ".join(f"{v} {k}" for k, v in per_rank[0][-1]["split_rows"].items())
+    say(
+        f"built {out}: {rows} samples ({counts}) on {world} rank(s) in {dt:.2f} s "
+        f"({nbytes / dt / 1e6:.0f} MB/s, {rows / dt:,.0f} samples/s)"
+    )
     return out
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: python -m hpcai.data.etl digits OUT_DIR")
+        sys.exit("usage: python -m hpcai.data.etl SOURCE OUT_DIR")
     build_dataset(sys.argv[1], sys.argv[2])

@@ -1,22 +1,33 @@
-"""Per-rank batches of a global batch, read from the shards, prefetched in a background thread.
+"""Per-rank batches of a global batch, read from the shards, transformed and prefetched by reader threads.
 
-Every epoch has one seeded permutation of the split, identical on all ranks (seed + epoch); global step s takes
-rows ``perm[s*B : (s+1)*B]`` and rank r reads its contiguous part ``[r*b : (r+1)*b]`` of that, b = B / world.
-Incomplete last batches are dropped, so every rank takes the same number of steps and each sample is read at most
-once per epoch by exactly one rank. The loader knows no MPI: it is handed (rank, world).
+Every epoch has one seeded permutation of the split, identical on all ranks (seed + epoch); global step s
+takes rows ``perm[s*B : (s+1)*B]`` and rank r reads its contiguous part ``[r*b : (r+1)*b]``, b = B / world.
+So step s of an epoch is the same global batch whatever the rank count, and a resumed run restarts at
+``epoch(e, start_step=s)``: the position in the epoch is just (e, s). The last incomplete global batch is
+dropped (``drop_last=True``: every sample at most once per epoch, by exactly one rank) or padded with the
+epoch's first rows (``drop_last=False``: every sample at least once). The loader knows no MPI: it is handed
+(rank, world).
+
+Speed: when the split fits ``cache_bytes`` it is read once, sequentially, into memory (each rank touches all
+of it over a few epochs anyway, since the permutation is global); otherwise each batch is read by
+:meth:`ShardedSplit.read`. ``readers`` threads read and transform batches ahead (``prefetch`` in flight):
+numpy copies and ``preadv`` release the GIL, so reading overlaps the training step.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from hpcai.data.shards import ShardedSplit
+
+# transform(x, epoch, step, offset, global_batch) -> x; offset: this rank's first position in the global batch
+Transform = Callable[[np.ndarray, int, int, int, int], np.ndarray]
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -30,81 +41,87 @@ class BatchLoader:
     """
 
     def __init__(
-        self, split: ShardedSplit, global_batch: int, rank: int, world: int, seed: int, prefetch: int = 2
+        self,
+        split: ShardedSplit,
+        global_batch: int,
+        rank: int,
+        world: int,
+        seed: int,
+        prefetch: int = 2,
+        *,
+        readers: int = 1,
+        drop_last: bool = True,
+        transform: Transform | None = None,
+        cache_bytes: int = 1 << 30,
     ):
         if global_batch % world:
             raise ValueError(f"global batch {global_batch} does not divide across {world} ranks")
         self.split, self.global_batch, self.rank, self.world = split, global_batch, rank, world
         self.local_batch = global_batch // world
-        self.seed, self.prefetch = seed, prefetch
+        self.seed, self.prefetch, self.readers = seed, prefetch, max(1, readers)
+        self.drop_last, self.transform, self.cache_bytes = drop_last, transform, cache_bytes
         self.wait_s = 0.0
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.split) // self.global_batch
+        n = len(self.split)
+        return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
 
     def indices(self, epoch: int, start_step: int = 0) -> Iterator[np.ndarray]:
         """Global row indices of this rank's batches in ``epoch``, from ``start_step``."""
         perm = epoch_permutation(len(self.split), self.seed, epoch)
+        short = self.steps_per_epoch * self.global_batch - len(perm)
+        if short > 0:  # pad the last global batch with the epoch's first rows (wrapping if the split is tiny)
+            perm = np.concatenate([perm, np.resize(perm, short)])
         lo = self.rank * self.local_batch
         for step in range(start_step, self.steps_per_epoch):
             base = step * self.global_batch
             yield perm[base + lo : base + lo + self.local_batch]
 
-    def _read(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read(self, idx: np.ndarray, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.split.read(idx)
-        return torch.from_numpy(x), torch.from_numpy(y)
+        if self.transform is not None:
+            x = self.transform(x, epoch, step, self.rank * self.local_batch, self.global_batch)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's batches of ``epoch``, from ``start_step`` (a resumed run starts mid-epoch)."""
+        t0 = time.perf_counter()
+        self.split.cache(self.cache_bytes)  # no-op once cached, or when the split is over budget
+        self.wait_s += time.perf_counter() - t0
+        steps = enumerate(self.indices(epoch, start_step), start=start_step)
         if self.prefetch == 0:
-            for idx in self.indices(epoch, start_step):
+            for step, idx in steps:
                 t0 = time.perf_counter()
-                batch = self._read(idx)
+                batch = self._read(idx, epoch, step)
                 self.wait_s += time.perf_counter() - t0
                 yield batch
             return
-        yield from self._prefetched(epoch, start_step)
+        yield from self._prefetched(epoch, steps)
 
-    def _prefetched(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # h5py releases the GIL while HDF5 reads, so a reader thread overlaps I/O with the training step.
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        done = object()
-
-        def put(item: object) -> bool:
-            while not stop.is_set():  # a bounded wait, so an abandoned epoch never strands this thread
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def produce() -> None:
-            try:
-                for idx in self.indices(epoch, start_step):
-                    if not put(self._read(idx)):
-                        return
-                put(done)
-            except BaseException as e:  # hand the error to the consumer, who raises it
-                put(e)
-
-        thread = threading.Thread(target=produce, name="hpcai-prefetch", daemon=True)
-        thread.start()
+    def _prefetched(self, epoch: int, steps: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # A bounded window of futures, consumed in order: at most `prefetch` batches in memory ahead of the
+        # step, read by `readers` threads. An abandoned epoch cancels what has not started.
+        pool = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="hpcai-reader")
+        window: deque[Future] = deque()
         try:
-            while True:
-                t0 = time.perf_counter()
-                item = q.get()
-                self.wait_s += time.perf_counter() - t0
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            for step, idx in steps:
+                window.append(pool.submit(self._read, idx, epoch, step))
+                if len(window) <= self.prefetch:  # keep `prefetch` in flight while the step runs
+                    continue
+                yield self._take(window)
+            while window:
+                yield self._take(window)
         finally:
-            stop.set()
-            thread.join(timeout=5)
+            for f in window:
+                f.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _take(self, window: deque[Future]) -> tuple[torch.Tensor, torch.Tensor]:
+        t0 = time.perf_counter()
+        batch = window.popleft().result()  # re-raises a reader's error (e.g. a corrupt shard) here
+        self.wait_s += time.perf_counter() - t0
+        return batch
 
 
 def shard_range(n: int, rank: int, world: int) -> slice:

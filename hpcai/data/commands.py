@@ -1,0 +1,159 @@
+"""``hpcai data build`` and ``hpcai data info``: argument checks, the MPI relaunch, one-line errors.
+
+    hpcai data build SOURCE --out DIR [--shards K] [-n N] [--overwrite] [--compression gzip|lzf|none]
+                     [--checksum fletcher32|none] [--label-column NAME] [--val-fraction F] [--test-fraction F]
+                     [--seed S]
+    hpcai data info DIR [--json]
+
+With ``-n N > 1`` outside MPI the build relaunches itself as ``mpiexec -n N python -m hpcai data build ...``
+(like ``hpcai run``); under mpiexec/srun every rank runs in-process. Only rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from hpcai.errors import UserError
+
+TMP_ENV = "HPCAI_DATA_TMP"  # the temporary directory's name, chosen by the launcher so it can clean up
+
+
+def add_arguments(data_sub) -> None:
+    build = data_sub.add_parser("build", help="build a sharded HDF5 dataset (on N ranks)")
+    build.add_argument(
+        "source", help="digits, FILE.npz, FILE.csv, a dir of .npy files, or a dir of class subdirs"
+    )
+    build.add_argument(
+        "--out", required=True, help="output directory (refused if it exists, unless --overwrite)"
+    )
+    build.add_argument("--shards", type=int, default=4, help="train shards (val/test get a quarter, >= 1)")
+    build.add_argument("-n", "--ranks", type=int, default=1, help="MPI ranks writing shards in parallel")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    build.add_argument("--compression", choices=["none", "gzip", "lzf"], default="none")
+    build.add_argument(
+        "--checksum",
+        choices=["fletcher32", "none"],
+        default="fletcher32",
+        help="per-chunk checksum HDF5 verifies on every read (none: fastest reads)",
+    )
+    build.add_argument("--label-column", default="label", help="CSV column holding the labels")
+    build.add_argument("--val-fraction", type=float, default=0.0)
+    build.add_argument("--test-fraction", type=float, default=0.2)
+    build.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
+    info = data_sub.add_parser("info", help="print a dataset's manifest and verify its checksums")
+    info.add_argument("dataset", help="dataset directory (holds manifest.json)")
+    info.add_argument("--json", action="store_true", help="print the manifest and check results as JSON")
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.shards < 1:
+        raise UserError(f"--shards: must be >= 1, got {args.shards}")
+    if args.ranks < 1:
+        raise UserError(f"-n: must be >= 1, got {args.ranks}")
+    if not 0 < args.test_fraction < 1:
+        raise UserError(f"--test-fraction: must be in (0, 1), got {args.test_fraction}")
+    if not 0 <= args.val_fraction < 1 or args.val_fraction + args.test_fraction >= 1:
+        raise UserError(f"--val-fraction: must be >= 0 with val + test < 1, got {args.val_fraction}")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out}: already exists; remove it, choose another --out, or pass --overwrite")
+
+
+def build_command(args: argparse.Namespace) -> int:
+    from hpcai.data.etl import build_dataset
+    from hpcai.launch import mpi_environment, run_ranks
+
+    _check(args)
+    if args.ranks > 1 and not mpi_environment():
+        out = Path(args.out)
+        tmp = f".{out.name}.tmp-{os.getpid()}-{time.time_ns()}"
+        os.environ[TMP_ENV] = tmp
+        code = run_ranks(args.ranks, ["-m", "hpcai", *_argv(args)])
+        shutil.rmtree(out.parent / tmp, ignore_errors=True)  # a rank killed hard cannot clean up: we do
+        return code
+    comm = None
+    if mpi_environment():
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+    rank = comm.Get_rank() if comm is not None else 0
+    try:
+        build_dataset(
+            args.source,
+            args.out,
+            args.shards,
+            args.test_fraction,
+            args.seed,
+            log=lambda m: print(m, flush=True),
+            val_fraction=args.val_fraction,
+            compression=args.compression,
+            checksum=args.checksum,
+            label_column=args.label_column,
+            overwrite=args.overwrite,
+            comm=comm,
+            tmp_name=os.environ.get(TMP_ENV),
+        )
+    except Exception as e:
+        if rank != 0:  # every rank got the same error (see etl._collective): rank 0 alone reports it
+            return e.exit_code if isinstance(e, UserError) else 1
+        raise
+    return 0
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    argv = [
+        "data",
+        "build",
+        args.source,
+        "--out",
+        args.out,
+        "--shards",
+        str(args.shards),
+        "-n",
+        str(args.ranks),
+    ]
+    argv += [
+        "--compression",
+        args.compression,
+        "--checksum",
+        args.checksum,
+        "--label-column",
+        args.label_column,
+    ]
+    argv += ["--val-fraction", repr(args.val_fraction), "--test-fraction", repr(args.test_fraction)]
+    argv += ["--seed", str(args.seed)] + (["--overwrite"] if args.overwrite else [])
+    return argv
+
+
+def info_command(args: argparse.Namespace) -> int:
+    from hpcai.data.shards import ShardedDataset
+
+    ds = ShardedDataset(args.dataset)
+    m = ds.manifest
+    problems = ds.check_files()
+    if args.json:
+        print(json.dumps({"manifest": m, "checksums_ok": not problems, "problems": problems}, indent=2))
+    else:
+        print(
+            f"{ds.root}: {m.get('source')} -> sample shape {tuple(m['sample_shape'])} {m.get('x_dtype')}, "
+            f"labels {m.get('y_dtype', 'int64')}, {m['num_classes']} classes, compression "
+            f"{m.get('compression', 'none')}, checksum {m.get('checksum', 'fletcher32')}"
+        )
+        norm = m.get("normalization", {})
+        print(
+            f"  normalisation (train): mean {norm.get('mean', float('nan')):.6g} "
+            f"std {norm.get('std', float('nan')):.6g}"
+        )
+        for name, entry in m["splits"].items():
+            print(f"  {name}: {entry['rows']} samples in {len(entry['shards'])} shards")
+            for s in entry["shards"]:
+                print(f"    {s['file']}: {s['rows']} samples, {s.get('bytes', 0) / 1e6:.1f} MB")
+        print("  checksums: " + ("all shards match manifest.json" if not problems else "; ".join(problems)))
+    if problems:
+        raise UserError(problems[0])
+    return 0
