@@ -6,6 +6,9 @@ hpcai run                                  # the embedded default job (digits, 2
 hpcai validate jobs/digits.toml            # check the spec only; nothing is written
 hpcai data build digits --out data/digits --shards 4
 hpcai bench allreduce -n 2 --sizes 64KiB,4MiB --json ar.json
+hpcai render jobs/digits.toml --cluster local          # the sbatch script (hpcai/slurm_cli.py has more)
+hpcai submit jobs/digits.toml --cluster local [--dry-run]
+hpcai status runs/digits
 python -m hpcai ...                        # the same
 """
 
@@ -17,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from hpcai import slurm_cli
 from hpcai.errors import UserError
 
 
@@ -68,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks against the real peers", add_help=False)
     bench.add_argument("what", choices=["allreduce"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
+    slurm_cli.add_subcommands(sub, _add_job_args)
     return parser
 
 
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "inspect": cmd_inspect,
         "data": cmd_data,
         "bench": cmd_bench,
-    }[args.command]
+    }.get(args.command) or slurm_cli.handler(args.command, _load)  # render/submit/status
     try:
         return handler(args)
     except UserError as e:
