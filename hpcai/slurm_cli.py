@@ -100,10 +100,20 @@ def cmd_submit(args: argparse.Namespace, load) -> int:
         )
         return 0
     job_id = slurm_cmd.sbatch(str(script))
-    record = {"job_id": job_id, "cluster": args.cluster, "script": str(script), "submitted": time.time()}
-    (run_dir / "submit.json").write_text(json.dumps(record, indent=2) + "\n")
+    record_submission(run_dir, job_id, args.cluster)
     print(job_id)
     return 0
+
+
+def record_submission(run_dir: Path, job_id: str, cluster: str) -> None:
+    """RUN_DIR/submit.json: how `hpcai status RUN_DIR` finds the job."""
+    record = {
+        "job_id": job_id,
+        "cluster": cluster,
+        "script": str(run_dir / "job.sbatch"),
+        "submitted": time.time(),
+    }
+    (run_dir / "submit.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _read_submission(run_dir: Path) -> dict | None:
