@@ -148,7 +148,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     restart = _log_restart_count(run_dir)
     if restart is not None:
         print(f"log: last start had SLURM_RESTART_COUNT={restart}")
-    print(_progress(run_dir))
+    tasks = sorted(run_dir.glob("task-*/"))  # the array template's default: one run dir per task
+    if tasks and not (run_dir / "metrics.jsonl").exists():
+        for task in tasks:
+            print(f"{task.name}: {_progress(task)}")
+    else:
+        print(_progress(run_dir))
     return 0 if sub else 1
 
 

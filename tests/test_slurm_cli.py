@@ -118,6 +118,39 @@ def test_status_shows_state_restarts_and_progress(fake_slurm, tmp_path, monkeypa
     assert "no longer known to slurmctld" in out and "done: 66 steps on 2 ranks, final loss 0.5000" in out
 
 
+def test_status_of_an_array_reports_each_task(fake_slurm, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert (
+        main(
+            [
+                "submit",
+                JOB,
+                "--cluster",
+                "local",
+                "--template",
+                "array",
+                "--array",
+                "0-1",
+                "--run-dir",
+                str(run_dir),
+            ]
+        )
+        == 0
+    )
+    for i, loss in ((0, 1.5), (1, 0.25)):
+        (run_dir / f"task-{i}").mkdir()
+        (run_dir / f"task-{i}" / "metrics.jsonl").write_text(
+            json.dumps({"step": 5, "epoch": 0, "loss": loss}) + "\n"
+        )
+    capsys.readouterr()
+    assert main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "task-0: progress: step 5 epoch 0 loss 1.5000" in out
+        and "task-1: progress: step 5 epoch 0 loss 0.2500" in out
+    )
+
+
 def test_status_of_a_bad_run_dir_is_one_line_exit_2(fake_slurm, tmp_path, capsys):
     assert main(["status", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err == f"hpcai: error: {tmp_path / 'nope'}: no such run directory\n"
