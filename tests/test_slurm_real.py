@@ -218,8 +218,8 @@ def _has_checkpoint_resume() -> bool:
     "`hpcai run RUN_DIR/job.toml` resuming from RUN_DIR/checkpoints/ (no SIGUSR1 handling in hpcai/ yet)",
 )
 def test_requeued_digits_job_ends_like_an_uninterrupted_run(slurm, jobs, tmp_path):
-    # Long enough (thousands of steps) that USR1 lands mid-run; small enough to finish in about a minute.
-    sets = ["train.steps=4000", "train.log_every=10", f"data.path = {json.dumps(str(tmp_path / 'data'))}"]
+    # USR1 goes out at the first metrics line (step 10), so 1,500 steps leave most of the run to the restart.
+    sets = ["train.steps=1500", "train.log_every=10", f"data.path = {json.dumps(str(tmp_path / 'data'))}"]
     reference = tmp_path / "reference"
     ref_sets = [*sets, f"job.run_dir = {json.dumps(str(reference))}"]
     job = str(PROJECT_ROOT / "jobs" / "digits.toml")
@@ -242,5 +242,6 @@ def test_requeued_digits_job_ends_like_an_uninterrupted_run(slurm, jobs, tmp_pat
     final = json.loads((run_dir / "summary.json").read_text())["final_loss"]
     took = time.monotonic() - t_signal
     print(f"job {job_id}: {took:.1f} s from USR1 to the end; final_loss {final}, uninterrupted {expected}")
+    assert json.loads((run_dir / "summary.json").read_text()).get("resumed_from_step", 0) > 0
     assert final == pytest.approx(expected, rel=1e-6, abs=1e-9)
     assert re.search(r"requeueing \d+", log)
