@@ -8,6 +8,9 @@ hpcai data build digits --out data/digits --shards 4
 hpcai data build /tmp/x.npz --out /tmp/x -n 2 --shards 8 && hpcai data info /tmp/x
 hpcai bench io /tmp/x --json io.json
 hpcai bench allreduce -n 2 --sizes 64KiB,4MiB --json ar.json
+hpcai render jobs/digits.toml --cluster local          # the sbatch script (hpcai/slurm_cli.py has more)
+hpcai submit jobs/digits.toml --cluster local [--dry-run]
+hpcai status runs/digits
 python -m hpcai ...                        # the same
 """
 
@@ -19,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from hpcai import slurm_cli
 from hpcai.errors import UserError
 
 BENCHES = ["allreduce", "checkpoint", "io"]  # each is hpcai/bench/<name>.py with main(argv) -> int
@@ -69,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks against the real peers", add_help=False)
     bench.add_argument("what", choices=BENCHES)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
+    slurm_cli.add_subcommands(sub, _add_job_args)
     return parser
 
 
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "inspect": cmd_inspect,
         "data": cmd_data,
         "bench": cmd_bench,
-    }[args.command]
+    }.get(args.command) or slurm_cli.handler(args.command, _load)  # render/submit/status
     try:
         return handler(args)
     except UserError as e:

@@ -114,6 +114,24 @@ class SlurmSection:
         "Time limit (Slurm syntax, e.g. 01:00:00); empty means the profile's default.", default=""
     )
     mem: str = _doc("Memory per node (e.g. 8G); empty means the profile's default.", default="")
+    # The keys below are read by `hpcai render/submit` (hpcai/slurm.py), which also checks their formats.
+    mem_per_cpu: str = _doc(
+        "Memory per core; excludes mem and mem_per_gpu (any memory key set here "
+        "replaces the profile's memory default).",
+        default="",
+    )
+    mem_per_gpu: str = _doc("Memory per GPU; excludes mem and mem_per_cpu.", default="")
+    template: str = _doc(
+        "Batch script template (templates/NAME.sbatch.j2 or a path); empty: the profile's.", default=""
+    )
+    signal_lead_s: int = _doc(
+        "Seconds before the time limit that the batch shell gets USR1 (checkpoint and "
+        "requeue); 0: the profile's.",
+        default=0,
+    )
+    max_requeues: int = _doc(
+        "Requeues after checkpoint-and-exit before giving up; -1: the profile's.", default=-1
+    )
 
 
 @dataclass(frozen=True)
@@ -352,6 +370,10 @@ def validate(spec: JobSpec) -> None:
             fail(f"slurm.{key}", f"must be >= 0, got {getattr(s, key)}")
     if s.cpus_per_task < 1:
         fail("slurm.cpus_per_task", f"must be >= 1, got {s.cpus_per_task}")
+    if s.signal_lead_s < 0:
+        fail("slurm.signal_lead_s", f"must be >= 0, got {s.signal_lead_s}")
+    if s.max_requeues < -1:
+        fail("slurm.max_requeues", f"must be >= 0, or -1 for the profile's, got {s.max_requeues}")
 
 
 # ---------------------------------------------------------------------------------------------- TOML out
