@@ -76,6 +76,9 @@ class TrainSection:
     lr_schedule: str = _doc("constant or cosine (decays to 0 at the last step).", default="cosine")
     warmup_steps: int = _doc("Linear warm-up steps.", default=0)
     batch_size: int = _doc("Global batch size, split evenly across the ranks.", default=64)
+    grad_accum: int = _doc(
+        "Micro-batches per rank per step: gradients accumulate locally, one all-reduce per step.", default=1
+    )
     epochs: int = _doc("Epochs to train (used when steps is 0).", default=20)
     steps: int = _doc("Optimizer steps to train; wins over epochs when > 0.", default=0)
     seed: int = _doc("Seed of initial parameters and of the per-epoch shuffle.", default=0)
@@ -324,6 +327,13 @@ def validate(spec: JobSpec) -> None:
             "train.batch_size",
             f"global batch {t.batch_size} does not divide across {j.ranks} ranks "
             f"(try {max(j.ranks, t.batch_size // j.ranks * j.ranks)})",
+        )
+    if t.grad_accum < 1:
+        fail("train.grad_accum", f"must be >= 1, got {t.grad_accum}")
+    elif t.batch_size % (j.ranks * t.grad_accum):
+        fail(
+            "train.grad_accum",
+            f"global batch {t.batch_size} does not split into {j.ranks} ranks x {t.grad_accum} micro-batches",
         )
     if t.epochs < 0 or t.steps < 0 or (t.epochs == 0 and t.steps == 0):
         fail("train.epochs", f"set epochs or steps to a positive number (epochs={t.epochs}, steps={t.steps})")

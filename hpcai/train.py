@@ -1,7 +1,7 @@
 """The training loop: strategy-agnostic, no MPI.
 
 The strategy (e.g. :class:`hpcai.parallel.data_parallel.DataParallel`) is handed in and does all
-communication: ``prepare(model)``, ``zero_grad()``, ``reduce_gradients()``, ``sum``, ``max``, ``gather``.
+communication: ``prepare(model)``, ``train_step(model, x, y, loss_fn)``, ``sum``, ``max``, ``gather``.
 Checkpoints hold everything needed to continue bit for bit: model, optimizer and scheduler state, the position
 (epoch, step within it), every rank's RNG states and the losses of the unfinished logging window.
 """
@@ -29,12 +29,20 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on request; run the same comman
 
 
 class Strategy(Protocol):
+    """What the loop needs from a parallel strategy. A strategy may also define
+    ``evaluate(model, split) -> float`` (e.g. a pipeline, where only the last stage sees logits)."""
+
     world_size: int
     is_root: bool
 
     def prepare(self, model: nn.Module) -> None: ...
-    def zero_grad(self) -> None: ...
-    def reduce_gradients(self) -> None: ...
+    def train_step(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Any
+    ) -> torch.Tensor | None:
+        """Forward and backward of this rank's share of a global batch, gradients reduced and ready for the
+        optimizer; the local mean loss, or None on ranks that compute no loss (early pipeline stages)."""
+        ...
+
     def sum(self, values: np.ndarray) -> np.ndarray: ...
     def max(self, values: np.ndarray) -> np.ndarray: ...
     def gather(self, values: np.ndarray) -> np.ndarray | None: ...
@@ -160,7 +168,7 @@ class Trainer:
         self.n_steps = total_steps(self.cfg, loader.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg, self.n_steps))
         self.step = self.epoch = self.step_in_epoch = 0
-        self.window: list[torch.Tensor] = []  # this rank's losses since the last logged step
+        self.window: list[torch.Tensor | None] = []  # this rank's losses since the last logged step
         self.carried: list[float] = []  # rank 0: (rank, step) losses of the window from before a restart
         self.last_loss = float("nan")  # rank 0: the loss of the last logged step (summary's final_loss)
         self.resumed_from: int | None = None
@@ -218,12 +226,28 @@ class Trainer:
         )
         self.reporter.logger.info(f"checkpoint {path.name}: blocked {self.writer.last_block_s * 1e3:.1f} ms")
 
+    def _evaluate(self, split: ShardedSplit) -> float:
+        own = getattr(self.strategy, "evaluate", None)
+        return (
+            own(self.model, split)
+            if own is not None
+            else evaluate(self.model, split, self.strategy, self.rank)
+        )
+
     def _gather_window(self) -> list[float]:
-        """All ranks' window losses, on rank 0, as (rank, step) values; the local window is then empty."""
-        local = np.array([float(v) for v in self.window], dtype=np.float64)
+        """All ranks' window losses, on rank 0, as (rank, step) values; the local window is then empty.
+
+        Each rank sends (value, valid) pairs of equal count; ranks without a loss send valid = 0.
+        """
+        local = np.array(
+            [(float(v), 1.0) if v is not None else (0.0, 0.0) for v in self.window], dtype=np.float64
+        ).reshape(-1, 2)
         self.window = []
         gathered = self.strategy.gather(local)
-        return [] if gathered is None else [float(v) for v in np.asarray(gathered).ravel()]
+        if gathered is None:
+            return []
+        rows = np.asarray(gathered).reshape(-1, 2)
+        return [float(v) for v, valid in rows if valid]
 
     # -------------------------------------------------------------------------------- the loop
 
@@ -240,16 +264,13 @@ class Trainer:
         start_step = self.step
         while self.step < self.n_steps:
             for x, y in self.loader.epoch(self.epoch, self.step_in_epoch):
-                self.strategy.zero_grad()
-                loss = loss_fn(self.model(x), y)
-                loss.backward()
-                self.strategy.reduce_gradients()
+                loss = self.strategy.train_step(self.model, x, y, loss_fn)
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
                 self.step_in_epoch += 1
-                self.window.append(loss.detach())
+                self.window.append(loss)
                 window_steps += 1
                 if self.inject and self.inject.step == self.step and self.inject.rank == self.rank:
                     self.reporter.logger.info(f"injected failure: SIGKILL at step {self.step}")
@@ -274,7 +295,7 @@ class Trainer:
                         "wall_s": elapsed(self.reporter.t0),
                     }
                     if do_eval:  # counts in the training time, as MLPerf's time-to-train does
-                        record["test_accuracy"] = evaluate(self.model, test, self.strategy, self.rank)
+                        record["test_accuracy"] = self._evaluate(test)
                     self.reporter.step(record, advance=window_steps)
                     window_steps, window_t0 = 0, time.perf_counter()
                     if do_eval and self.on_eval is not None:
@@ -312,7 +333,7 @@ class Trainer:
             self.save_checkpoint()
         if self.writer is not None:
             self.writer.wait()
-        accuracy = evaluate(self.model, test, self.strategy, self.rank)
+        accuracy = self._evaluate(test)
         done = self.step - start_step
         return Result(
             steps=self.step,

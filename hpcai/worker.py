@@ -133,7 +133,7 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
     torch.manual_seed(spec.train.seed)  # rank 0's initial parameters are broadcast anyway
     data = ShardedDataset(spec.data.path)
     model = build_model(spec.model, data.sample_shape, data.num_classes)
-    strategy = DataParallel(topo)
+    strategy = DataParallel(topo, grad_accum=spec.train.grad_accum)
     loader = BatchLoader(
         data.splits["train"],
         spec.train.batch_size,

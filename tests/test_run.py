@@ -142,3 +142,19 @@ def test_single_and_dual_rank_short_runs(tmp_path: Path, digits_dataset: Path, w
     assert proc.returncode == 0, proc.stderr
     summary = check_run_dir(run_dir, world)
     assert summary["steps"] == 25 and summary["test_accuracy"] > 0.5
+
+
+def test_grad_accum_matches_plain_steps_closely(tmp_path: Path, digits_dataset: Path) -> None:
+    """4 micro-batches per rank, one all-reduce a step: same training up to float rounding, not the same bits."""
+    data = ["--set", f"data.path={json.dumps(str(digits_dataset))}", "--set", "train.steps=40"]
+    runs = {}
+    for k in (1, 4):
+        run_dir = tmp_path / f"k{k}"
+        proc = run_cli(
+            "run", "jobs/digits.toml", "--run-dir", str(run_dir), *data, "--set", f"train.grad_accum={k}"
+        )
+        assert proc.returncode == 0, proc.stderr
+        runs[k] = check_run_dir(run_dir, 2)
+    assert runs[4]["final_loss"] == pytest.approx(runs[1]["final_loss"], rel=1e-4)
+    bad = run_cli("validate", "jobs/digits.toml", "--set", "train.grad_accum=3", timeout=60)
+    assert bad.returncode == 2 and "does not split into 2 ranks x 3 micro-batches" in bad.stderr

@@ -20,8 +20,9 @@ from hpcai.topology import Topology
 class DataParallel:
     """The strategy object the training loop talks to; it never sees MPI."""
 
-    def __init__(self, topo: Topology):
+    def __init__(self, topo: Topology, grad_accum: int = 1):
         self.topo = topo
+        self.grad_accum = grad_accum
         self.world_size = topo.dp_size
         self.rank = topo.rank
         self.is_root = topo.is_root
@@ -48,6 +49,25 @@ class DataParallel:
     def zero_grad(self) -> None:
         for flat in self._flat:
             flat.zero_()
+
+    def train_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> torch.Tensor:
+        """Forward/backward of this rank's share in ``grad_accum`` micro-batches; one all-reduce.
+
+        Gradients accumulate locally over the micro-batches (each loss weighted by its share of the batch, so
+        the result is the gradient of the mean loss) and are communicated once, after the last backward.
+        """
+        self.zero_grad()
+        if self.grad_accum == 1:
+            loss = loss_fn(model(x), y)
+            loss.backward()
+        else:
+            loss = torch.zeros(())
+            for xm, ym in zip(x.chunk(self.grad_accum), y.chunk(self.grad_accum), strict=True):
+                part = loss_fn(model(xm), ym) * (len(xm) / len(x))
+                part.backward()
+                loss += part.detach()
+        self.reduce_gradients()
+        return loss.detach()
 
     def reduce_gradients(self) -> None:
         """Average gradients over the replicas (call after backward, before the optimizer step)."""
