@@ -1,0 +1,1 @@
+"""Benchmarks run as `hpcai bench <name>` (or `python -m hpcai.bench.<name>`)."""
