@@ -170,6 +170,7 @@ def _measure_size(args: argparse.Namespace, nbytes: int, comm: Any) -> list[dict
             small = count * itemsize <= ring.SMALL_MESSAGE_BYTES
             algo = args.ring_algorithm
             rec["algorithm"] = ("mpi" if small else "ring") if algo == "auto" else algo
+            rec["algorithm"] = "none" if n == 1 else rec["algorithm"]  # one rank: returns at once
             rec["segment_bytes"] = args.segment or ring.SEGMENT_BYTES
         records.append(rec)
     return records

@@ -64,15 +64,15 @@ class _CommState:
         self.ring_comm = comm.Dup()
         self.sequence = 0  # counts ring all-reduces started; gives each one its own tag
         self.tag_limit = max(1, min(int(self.ring_comm.Get_attr(MPI.TAG_UB)), 1 << 20))
-        # (numpy dtype, segment elements) -> free buffer sets; a set is owned by one in-flight all-reduce
-        self.free_buffers: dict[tuple[np.dtype, int], list[list[np.ndarray]]] = {}
+        # (numpy dtype, segment elements, buffers) -> free buffer sets; one in-flight all-reduce owns a set
+        self.free_buffers: dict[tuple[np.dtype, int, int], list[list[np.ndarray]]] = {}
 
-    def take_buffers(self, dtype: np.dtype, seg_elems: int) -> list[np.ndarray]:
-        pool = self.free_buffers.setdefault((dtype, seg_elems), [])
-        return pool.pop() if pool else [np.empty(seg_elems, dtype) for _ in range(_NUM_RECV_BUFFERS)]
+    def take_buffers(self, dtype: np.dtype, seg_elems: int, count: int) -> list[np.ndarray]:
+        pool = self.free_buffers.setdefault((dtype, seg_elems, count), [])
+        return pool.pop() if pool else [np.empty(seg_elems, dtype) for _ in range(count)]
 
     def give_back(self, dtype: np.dtype, seg_elems: int, bufs: list[np.ndarray]) -> None:
-        self.free_buffers[(dtype, seg_elems)].append(bufs)
+        self.free_buffers[(dtype, seg_elems, len(bufs))].append(bufs)
 
 
 def _free_state(comm: MPI.Comm, keyval: int, state: _CommState) -> None:
@@ -139,7 +139,7 @@ def _ring_steps(
     state.sequence += 1
     rcomm, mtype, reduce = state.ring_comm, kind.mpi_type, kind.reduce
     own, incoming = _schedule(p, r, arr.size, seg_elems)
-    scratch = state.take_buffers(arr.dtype, seg_elems)
+    scratch = state.take_buffers(arr.dtype, seg_elems, _NUM_RECV_BUFFERS)
     nbuf = len(scratch)
     sends: list[list[MPI.Request]] = [[] for _ in range(2 * (p - 1))]  # by outgoing stream step
     recvs: list[MPI.Request | None] = [None] * len(incoming)
@@ -283,8 +283,7 @@ def ring_allreduce_start(
     algorithm: str = "auto",
     segment_bytes: int = SEGMENT_BYTES,
 ) -> AllreduceHandle:
-    """Start an in-place all-reduce of `buf` over `comm`; see `ring_allreduce`. Returns a handle; call
-    `wait()`.
+    """Start an in-place all-reduce of `buf` over `comm` (see `ring_allreduce`); finish it with `.wait()`.
 
     The MPI path starts MPI_Iallreduce at once; the ring path sends its own chunk and posts its first receive.
     """
@@ -298,8 +297,7 @@ def ring_allreduce_start(
         return AllreduceHandle(buf, steps=steps)
     if kind.native:
         return AllreduceHandle(buf, request=comm.Iallreduce(MPI.IN_PLACE, [arr, kind.mpi_type], kind.mpi_op))
-    # MPI cannot add 16-bit floats: reduce a float32 copy, then round once. Every rank rounds the same float32
-    # result.
+    # MPI cannot add 16-bit floats: reduce a float32 copy, then round once; every rank rounds the same result.
     wide = _widen(arr, name)
     req = comm.Iallreduce(MPI.IN_PLACE, [wide, MPI.FLOAT], kind.mpi_op)
     return AllreduceHandle(buf, request=req, widened=(wide, arr))
@@ -325,10 +323,15 @@ def ring_allreduce(
     All ranks end with bit-identical results. Raises TypeError for an unsupported type or dtype, ValueError
     for non-contiguous or read-only input or an unknown op/algorithm.
     """
-    arr, _, kind, path = _prepare(buf, comm, op, algorithm, segment_bytes)
-    if path == "mpi" and kind.native:
+    arr, name, kind, path = _prepare(buf, comm, op, algorithm, segment_bytes)
+    if path == "mpi":
         # Blocking MPI_Allreduce, not Iallreduce + Wait: MPICH's blocking algorithms are the faster ones here.
-        comm.Allreduce(MPI.IN_PLACE, [arr, kind.mpi_type], kind.mpi_op)
+        if kind.native:
+            comm.Allreduce(MPI.IN_PLACE, [arr, kind.mpi_type], kind.mpi_op)
+        else:  # 16-bit floats: through float32, rounded once (see ring_allreduce_start)
+            wide = _widen(arr, name)
+            comm.Allreduce(MPI.IN_PLACE, [wide, MPI.FLOAT], kind.mpi_op)
+            _narrow_into(arr, wide)
         return buf
     if path == "none":
         return buf

@@ -123,13 +123,21 @@ def check_in_flight(comm: MPI.Comm) -> None:
     p = comm.Get_size()
     a, b = np.full(300_001, 1.0, np.float32), np.arange(5000, dtype=np.int64)
     c = np.full(10, comm.Get_rank(), np.int32)
+    d = np.random.default_rng(comm.Get_rank()).standard_normal(999).astype(np.float32)  # MPI_Iallreduce path
+    ref = d.copy()
+    comm.Allreduce(MPI.IN_PLACE, ref)
     ha = ring_allreduce_start(a, comm, algorithm="ring", segment_bytes=64 << 10)
     hb = ring_allreduce_start(b, comm, "max", algorithm="ring", segment_bytes=1000)
     hc = ring_allreduce_start(c, comm)
-    for h in (ha, hb, hc):
+    hd = ring_allreduce_start(d, comm)
+    for h in (ha, hb, hc, hd):
         h.wait()
-    if not (np.all(a == p) and np.array_equal(b, np.arange(5000)) and np.all(c == p * (p - 1) // 2)):
+    ok = np.all(a == p) and np.array_equal(b, np.arange(5000)) and np.all(c == p * (p - 1) // 2)
+    if not (ok and np.allclose(d, ref, rtol=1e-5, atol=1e-5)):
         failures.append(f"concurrent all-reduces on {p} ranks gave wrong results")
+    everyone = comm.gather(d.tobytes(), root=0)
+    if comm.Get_rank() == 0 and any(x != everyone[0] for x in everyone):
+        failures.append(f"MPI_Iallreduce path on {p} ranks: results differ between ranks")
 
 
 def main() -> int:
