@@ -60,7 +60,7 @@ def test_ring_matches_mpi_allreduce_and_is_bit_identical(mpiexec: str, ranks: in
 
 def test_bench_runs_end_to_end_and_writes_json(tmp_path: Path) -> None:
     out_json, out_png = tmp_path / "ar.json", tmp_path / "ar.png"
-    cmd = [sys.executable, "-m", "hpcai.bench.allreduce", "-n", "2", "--sizes", "4KiB,128KiB"]
+    cmd = [sys.executable, "-m", "hpcai.bench.allreduce", "-n", "2", "--sizes", "4KiB,1MiB"]
     cmd += ["--iters", "2", "--warmup", "1", "--json", str(out_json), "--plot", str(out_png)]
     proc = subprocess.run(cmd, env=child_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -68,14 +68,14 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path: Path) -> None:
     records = json.loads(out_json.read_text())
     assert len(records) == 6
     assert {(r["impl"], r["bytes"]) for r in records} == {
-        (impl, size) for impl in ("ring", "mpi", "gloo") for size in (4096, 131072)
+        (impl, size) for impl in ("ring", "mpi", "gloo") for size in (4096, 1 << 20)
     }
     for r in records:
         assert r["world_size"] == 2 and r["dtype"] == "float32"
         assert r["seconds"] > 0 and r["algbw_GBps"] > 0
         assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"])  # 2(n-1)/n = 1 at n = 2
     ring_paths = {r["bytes"]: r["algorithm"] for r in records if r["impl"] == "ring"}
-    assert ring_paths == {4096: "mpi", 131072: "ring"}  # small messages go to MPI_Allreduce
+    assert ring_paths == {4096: "mpi", 1 << 20: "ring"}  # small messages go to MPI_Allreduce
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

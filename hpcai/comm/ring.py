@@ -22,8 +22,8 @@ later, so the whole all-reduce is one stream of 2(p-1) chunks in and 2(p-1) chun
 keeps messages between two ranks on one tag in order). Segments of reduce-scatter land in a few receive
 buffers reused across calls; segments of the all-gather land in place.
 
-Small messages (<= SMALL_MESSAGE_BYTES) go to MPI_Allreduce: 2(p-1) Python-level steps cost more there than
-the bandwidth they save. MPICH's algorithms for it (recursive doubling, reduce-scatter + all-gather) combine
+Small messages (<= SMALL_MESSAGE_BYTES, 512 KiB) go to MPI_Allreduce: 2(p-1) Python-level steps cost more than
+they save there. MPICH's algorithms for it (recursive doubling, reduce-scatter + all-gather) combine
 the same operands in the same tree on every rank, so its results are bit-identical across ranks too (true of
 MPICH in practice, not promised by the MPI standard; tests/mpi_scripts/ring_check.py checks it).
 
@@ -45,9 +45,10 @@ from mpi4py import MPI
 
 from hpcai.comm._dtypes import ElementKind, as_flat_array, element_kind
 
-# At or below this size: MPI_Allreduce. Tuned with `hpcai bench allreduce` (see the module docstring above).
-SMALL_MESSAGE_BYTES = 64 * 1024
-SEGMENT_BYTES = 1 << 20  # segment size of the ring's pipeline
+# At or below this size: MPI_Allreduce. Measured on the 2-core dev box (float32, 2-3 ranks, MPICH 5.0.2): the
+# ring took 1.3-2.2x MPI's time at 64-256 KiB, ~1.15x at 512 KiB, and was level or faster from 1 MiB up.
+SMALL_MESSAGE_BYTES = 512 * 1024
+SEGMENT_BYTES = 1 << 20  # pipeline segment; 512 KiB-2 MiB measured alike, 128-256 KiB slower at 16-64 MiB
 _NUM_RECV_BUFFERS = 2  # receive buffers per in-flight all-reduce: one being reduced, one being filled
 _ALGORITHMS = ("auto", "ring", "mpi")
 
