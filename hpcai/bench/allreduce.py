@@ -106,14 +106,17 @@ def _time_medians(fns: dict[str, Any], reset: Any, comm: Any, iters: int, warmup
     """Median over iterations of the slowest rank's time for each fn(); reset() restores the input, untimed.
 
     The implementations take turns within each iteration, so load from elsewhere on the machine hits them
-    alike.
+    alike, and the order of turns rotates, so none always runs right after the same other one.
     """
     import numpy as np
     from mpi4py import MPI
 
     times = np.empty((len(fns), iters))
+    funcs = list(fns.values())
     for it in range(warmup + iters):
-        for k, fn in enumerate(fns.values()):
+        for j in range(len(funcs)):
+            k = (j + it) % len(funcs)
+            fn = funcs[k]
             reset()
             comm.Barrier()
             t0 = time.perf_counter()
@@ -152,7 +155,11 @@ def _measure_size(args: argparse.Namespace, nbytes: int, comm: Any) -> list[dict
     if args.dtype not in _NO_MPI_BASELINE:
         fns["mpi"] = lambda: comm.Allreduce(MPI.IN_PLACE, arr, MPI.SUM)
     fns["gloo"] = lambda: dist.all_reduce(tensor)
+    # gloo is timed on its own: its background threads outlive each call and, on a small machine, slowed
+    # whichever implementation ran right after it (seen as MPI_Allreduce "losing" to itself by 2x).
+    gloo = {"gloo": fns.pop("gloo")}
     medians = _time_medians(fns, lambda: tensor.copy_(pristine), comm, args.iters, args.warmup)
+    medians |= _time_medians(gloo, lambda: tensor.copy_(pristine), comm, args.iters, args.warmup)
     records = []
     for impl, seconds in medians.items():
         algbw = count * itemsize / seconds / 1e9
