@@ -295,6 +295,11 @@ RESTART_MAY_CHANGE = {
     ("checkpoint", "every_seconds"),
     ("checkpoint", "keep"),
     ("checkpoint", "async_save"),
+    ("comm", "bucket_mb"),
+    ("comm", "first_bucket_mb"),
+    ("comm", "overlap"),
+    ("comm", "stall_timeout_s"),
+    ("comm", "stall_abort"),
 }
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from hpcai import slurm_cli
 from hpcai.errors import UserError
 
-BENCHES = ["allreduce", "checkpoint", "io"]  # each is hpcai/bench/<name>.py with main(argv) -> int
+BENCHES = ["allreduce", "checkpoint", "ddp", "io"]  # each is hpcai/bench/<name>.py with main(argv) -> int
 
 
 class _Parser(argparse.ArgumentParser):

@@ -91,6 +91,21 @@ class TrainSection:
 
 
 @dataclass(frozen=True)
+class CommSection:
+    bucket_mb: float = _doc("Gradient bucket size in MiB (all-reduced while backward runs).", default=25.0)
+    first_bucket_mb: float = _doc("Size of the first bucket (ready soonest, so kept small).", default=1.0)
+    overlap: bool = _doc("All-reduce buckets on a communication thread while backward runs.", default=True)
+    compression: str = _doc(
+        "Gradients on the wire: none, fp16 or bf16 (float32 kept for the optimizer).", default="none"
+    )
+    stall_timeout_s: float = _doc(
+        "Report a collective that waits longer than this, naming the ranks not arrived (0: off).",
+        default=60.0,
+    )
+    stall_abort: bool = _doc("End the job when a stall is reported.", default=False)
+
+
+@dataclass(frozen=True)
 class CheckpointSection:
     every_steps: int = _doc("Checkpoint every this many optimizer steps (0: not by steps).", default=0)
     every_seconds: float = _doc(
@@ -145,6 +160,7 @@ class JobSpec:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    comm: CommSection = field(default_factory=CommSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     slurm: SlurmSection = field(default_factory=SlurmSection)
     source: str = field(default="<defaults>", compare=False)
@@ -177,6 +193,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("sgd", "adam", "adamw"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.device": ("cpu",),
+    "comm.compression": ("none", "fp16", "bf16"),
 }
 
 
@@ -365,6 +382,11 @@ def validate(spec: JobSpec) -> None:
             fail("model.factory", f"expected 'path/to/file.py:function', got {m.factory!r}")
         if not Path(file).is_file():
             fail("model.factory", f"no such file {file!r}")
+    cm = spec.comm
+    if cm.bucket_mb <= 0 or cm.first_bucket_mb <= 0:
+        fail("comm.bucket_mb", f"bucket sizes must be > 0, got {cm.bucket_mb} and {cm.first_bucket_mb}")
+    if cm.stall_timeout_s < 0:
+        fail("comm.stall_timeout_s", f"must be >= 0, got {cm.stall_timeout_s}")
     c = spec.checkpoint
     if c.every_steps < 0:
         fail("checkpoint.every_steps", f"must be >= 0, got {c.every_steps}")

@@ -133,7 +133,7 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
     torch.manual_seed(spec.train.seed)  # rank 0's initial parameters are broadcast anyway
     data = ShardedDataset(spec.data.path)
     model = build_model(spec.model, data.sample_shape, data.num_classes)
-    strategy = DataParallel(topo, grad_accum=spec.train.grad_accum)
+    strategy = DataParallel(topo, grad_accum=spec.train.grad_accum, comm=spec.comm)
     loader = BatchLoader(
         data.splits["train"],
         spec.train.batch_size,
@@ -162,6 +162,8 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
     finally:
         reporter.close()
     digests = strategy.params_digest(model)
+    comm_stats = strategy.stats()
+    strategy.close()
     data.close()
     if topo.is_root:
         identical = len(set(digests)) == 1
@@ -186,6 +188,7 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
             "stopped_early": result.stopped_early,
             "restarts": restarts,
             "checkpoints": result.checkpoints,
+            **comm_stats,
             "versions": {
                 "hpcai": __version__,
                 "python": platform.python_version(),

@@ -145,7 +145,7 @@ def test_single_and_dual_rank_short_runs(tmp_path: Path, digits_dataset: Path, w
 
 
 def test_grad_accum_matches_plain_steps_closely(tmp_path: Path, digits_dataset: Path) -> None:
-    """4 micro-batches per rank, one all-reduce a step: same training up to float rounding, not the same bits."""
+    """4 micro-batches per rank, one all-reduce a step: the same training up to float rounding."""
     data = ["--set", f"data.path={json.dumps(str(digits_dataset))}", "--set", "train.steps=40"]
     runs = {}
     for k in (1, 4):

@@ -1,0 +1,207 @@
+"""Gradient buckets all-reduced while backward still runs (the DDP / Horovod idea, on our ring).
+
+Gradients live in one flat buffer per dtype, laid out in *reverse* parameter order — the order autograd
+produces them — and cut into contiguous buckets: a small first bucket (it is ready soonest), then buckets of
+``bucket_mb``. A hook on each parameter counts down its bucket; when a bucket's last gradient has been
+accumulated, the bucket goes to a communication thread that all-reduces it in place (and divides by the
+world size) while autograd computes the earlier layers' gradients. ``wait()`` blocks only for what is still
+in flight. Buckets are reduced in index order on every rank, whatever order the hooks fire in, so all ranks
+call the collectives in the same sequence.
+
+The communication thread is the only thread that calls MPI during backward (torch's autograd engine runs
+without the GIL, numpy's adds and mpi4py's waits release it, so both make progress). Optional compression
+sends float16/bfloat16 on the wire: the bucket is rounded into a 16-bit buffer allocated once, reduced, and
+widened back into the float32 gradients.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+WIRE_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Bucket:
+    index: int
+    flat: torch.Tensor  # a contiguous slice of the per-dtype gradient buffer
+    params: list[nn.Parameter]
+    pending: int = 0
+    wire: torch.Tensor | None = None  # 16-bit buffer for compressed transfer, allocated once
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
+
+
+def plan_buckets(
+    params: list[nn.Parameter], bucket_bytes: int, first_bucket_bytes: int
+) -> list[list[nn.Parameter]]:
+    """Group parameters (given in reverse model order) into buckets: the first small, then ~bucket_bytes.
+
+    A parameter larger than a bucket gets a bucket of its own; parameters are never split across buckets.
+    """
+    groups: list[list[nn.Parameter]] = []
+    current: list[nn.Parameter] = []
+    size = 0
+    cap = first_bucket_bytes
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        if current and size + nbytes > cap:
+            groups.append(current)
+            current, size, cap = [], 0, bucket_bytes
+        current.append(p)
+        size += nbytes
+    if current:
+        groups.append(current)
+    return groups
+
+
+class GradBuckets:
+    """Flat gradient buffers, their buckets, the hooks that launch them and the thread that reduces them.
+
+    ``allreduce(flat_slice)`` is the collective (sum in place); it runs on the communication thread.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        world_size: int,
+        allreduce: Callable[[torch.Tensor, str], None],
+        bucket_mb: float = 25.0,
+        first_bucket_mb: float = 1.0,
+        overlap: bool = True,
+        compression: str = "none",
+    ):
+        self.world_size, self.allreduce, self.overlap = world_size, allreduce, overlap
+        self.wire_dtype = WIRE_DTYPES[compression]
+        params = [p for p in model.parameters() if p.requires_grad][::-1]  # autograd's order
+        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+        for p in params:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        self.flats: list[torch.Tensor] = []
+        self.buckets: list[Bucket] = []
+        self._bucket_of: dict[int, Bucket] = {}
+        for dtype, group in by_dtype.items():
+            flat = torch.zeros(sum(p.numel() for p in group), dtype=dtype)
+            self.flats.append(flat)
+            offset = 0
+            for members in plan_buckets(group, int(bucket_mb * 2**20), int(first_bucket_mb * 2**20)):
+                start = offset
+                for p in members:
+                    p.grad = flat[offset : offset + p.numel()].view_as(p)  # autograd accumulates in place
+                    offset += p.numel()
+                wire = None
+                if self.wire_dtype is not None and dtype == torch.float32:
+                    wire = torch.empty(offset - start, dtype=self.wire_dtype)
+                bucket = Bucket(len(self.buckets), flat[start:offset], members, wire=wire)
+                self.buckets.append(bucket)
+                for p in members:
+                    self._bucket_of[id(p)] = bucket
+        self.sync = True  # False during the micro-batches of gradient accumulation that do not communicate
+        self.exposed_s = 0.0  # time the training thread waited for communication after backward
+        self.comm_s = 0.0  # time the communication thread spent reducing
+        self._cv = threading.Condition()
+        self._ready: set[int] = set()
+        self._next = 0  # next bucket index the thread reduces
+        self._closed = False
+        self._error: BaseException | None = None
+        self._hooks = []
+        if overlap and world_size > 1:
+            for p in params:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+            self._thread = threading.Thread(target=self._run, name="hpcai-grad-comm", daemon=True)
+            self._thread.start()
+
+    # ---------------------------------------------------------------------------- training thread
+
+    def zero_grad(self) -> None:
+        for flat in self.flats:
+            flat.zero_()
+        for b in self.buckets:
+            b.pending = len(b.params)
+            b.done.clear()
+        with self._cv:
+            self._ready.clear()
+            self._next = 0
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        if not self.sync:
+            return
+        bucket = self._bucket_of[id(p)]
+        bucket.pending -= 1
+        if bucket.pending == 0:
+            self._launch(bucket.index)
+
+    def _launch(self, index: int) -> None:
+        with self._cv:
+            self._ready.add(index)
+            self._cv.notify()
+
+    def wait(self) -> None:
+        """After the last backward: launch buckets whose hooks never fired (unused parameters), then wait."""
+        if self.world_size == 1:
+            return
+        t0 = time.perf_counter()
+        if not self.overlap:
+            for b in self.buckets:
+                self._reduce(b)
+        else:
+            for b in self.buckets:
+                if b.pending > 0:  # a parameter that got no gradient this step: reduce its zeros anyway
+                    b.pending = 0
+                    self._launch(b.index)
+            for b in self.buckets:
+                while not b.done.wait(timeout=1.0):
+                    self._raise_if_failed()
+            self._raise_if_failed()
+        self.exposed_s += time.perf_counter() - t0
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"gradient all-reduce failed: {self._error}") from self._error
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        if self.overlap and self.world_size > 1:
+            with self._cv:
+                self._closed = True
+                self._cv.notify()
+            self._thread.join(timeout=5)
+
+    # ---------------------------------------------------------------------------- communication thread
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while self._next not in self._ready and not self._closed:
+                        self._cv.wait()
+                    if self._closed:
+                        return
+                    index = self._next
+                    self._next += 1
+                self._reduce(self.buckets[index])
+        except BaseException as e:  # reported on the training thread by wait()
+            self._error = e
+
+    def _reduce(self, b: Bucket) -> None:
+        t0 = time.perf_counter()
+        label = f"all-reduce bucket {b.index}, {b.nbytes / 2**20:.1f} MB"
+        if b.wire is not None:
+            b.wire.copy_(b.flat)  # round to 16 bits on the wire
+            self.allreduce(b.wire, label)
+            b.flat.copy_(b.wire)  # widen back; the optimizer works in float32
+        else:
+            self.allreduce(b.flat, label)
+        b.flat.div_(self.world_size)
+        self.comm_s += time.perf_counter() - t0
+        b.done.set()
