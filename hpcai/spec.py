@@ -87,7 +87,10 @@ class TrainSection:
         "Evaluate on the test split every this many epochs, logged as test_accuracy (0: only at the end).",
         default=0,
     )
-    device: str = _doc("cpu (cuda comes with the benchmarking issue).", default="cpu")
+    device: str = _doc(
+        "cpu, or cuda (each rank uses cuda:<local rank>; gradients go through host memory for MPI).",
+        default="cpu",
+    )
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.strategy": ("data",),
     "train.optimizer": ("sgd", "adam", "adamw"),
     "train.lr_schedule": ("constant", "cosine"),
-    "train.device": ("cpu",),
+    "train.device": ("cpu", "cuda"),
     "comm.compression": ("none", "fp16", "bf16"),
 }
 

@@ -123,11 +123,13 @@ def evaluate(model: nn.Module, split: ShardedSplit, strategy: Strategy, rank: in
     """Accuracy over the whole split: each rank scores a contiguous part, the counts are summed."""
     part = shard_range(len(split), rank, strategy.world_size)
     correct = 0
+    device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
         for lo in range(part.start, part.stop, batch):
             x, y = split.read(np.arange(lo, min(part.stop, lo + batch)))
-            correct += int((model(torch.from_numpy(x)).argmax(1) == torch.from_numpy(y)).sum())
+            pred = model(torch.from_numpy(x).to(device)).argmax(1).cpu()
+            correct += int((pred == torch.from_numpy(y)).sum())
     model.train()
     counts = strategy.sum(np.array([correct, part.stop - part.start], dtype=np.int64))
     return float(counts[0]) / max(1, int(counts[1]))
@@ -163,6 +165,7 @@ class Trainer:
         # True on any rank ends training there (early stopping, e.g. a sweep pruning a trial).
         self.on_eval = on_eval
         self.stopped_early = False
+        self.device = next(model.parameters()).device
         strategy.prepare(model)  # rank 0's initial parameters everywhere
         self.optimizer = make_optimizer(model, self.cfg)
         self.n_steps = total_steps(self.cfg, loader.steps_per_epoch)
@@ -264,6 +267,8 @@ class Trainer:
         start_step = self.step
         while self.step < self.n_steps:
             for x, y in self.loader.epoch(self.epoch, self.step_in_epoch):
+                if self.device.type != "cpu":
+                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 loss = self.strategy.train_step(self.model, x, y, loss_fn)
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()

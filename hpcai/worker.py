@@ -25,6 +25,17 @@ from hpcai.errors import UserError
 from hpcai.spec import JobSpec, load_spec
 
 
+def _device(spec: JobSpec, topo):
+    """cuda:<local rank> (modulo the GPUs this node has) for train.device = "cuda", else the CPU."""
+    import torch
+
+    if spec.train.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"{spec.source}: train.device: 'cuda' asked for, but torch sees no GPU on this node")
+    return torch.device(f"cuda:{topo.local_rank % torch.cuda.device_count()}")
+
+
 def _ensure_dataset(spec: JobSpec, say) -> None:
     """Rank 0 builds the dataset if it is missing and the spec names a source."""
     from hpcai.data.etl import build_dataset
@@ -132,7 +143,7 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.manual_seed(spec.train.seed)  # rank 0's initial parameters are broadcast anyway
     data = ShardedDataset(spec.data.path)
-    model = build_model(spec.model, data.sample_shape, data.num_classes)
+    model = build_model(spec.model, data.sample_shape, data.num_classes).to(_device(spec, topo))
     strategy = DataParallel(topo, grad_accum=spec.train.grad_accum, comm=spec.comm)
     loader = BatchLoader(
         data.splits["train"],

@@ -34,6 +34,8 @@ class Bucket:
     params: list[nn.Parameter]
     pending: int = 0
     wire: torch.Tensor | None = None  # 16-bit buffer for compressed transfer, allocated once
+    host: torch.Tensor | None = None  # pinned host copy of a GPU bucket (MPI sees host memory only)
+    ready: object | None = None  # a CUDA event: the bucket's gradients are computed
     done: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -89,8 +91,10 @@ class GradBuckets:
         self.flats: list[torch.Tensor] = []
         self.buckets: list[Bucket] = []
         self._bucket_of: dict[int, Bucket] = {}
+        device = params[0].device if params else torch.device("cpu")
+        self.on_gpu = device.type == "cuda"
         for dtype, group in by_dtype.items():
-            flat = torch.zeros(sum(p.numel() for p in group), dtype=dtype)
+            flat = torch.zeros(sum(p.numel() for p in group), dtype=dtype, device=device)
             self.flats.append(flat)
             offset = 0
             for members in plan_buckets(group, int(bucket_mb * 2**20), int(first_bucket_mb * 2**20)):
@@ -98,10 +102,13 @@ class GradBuckets:
                 for p in members:
                     p.grad = flat[offset : offset + p.numel()].view_as(p)  # autograd accumulates in place
                     offset += p.numel()
-                wire = None
+                wire = host = None
                 if self.wire_dtype is not None and dtype == torch.float32:
-                    wire = torch.empty(offset - start, dtype=self.wire_dtype)
-                bucket = Bucket(len(self.buckets), flat[start:offset], members, wire=wire)
+                    wire = torch.empty(offset - start, dtype=self.wire_dtype, device=device)
+                if self.on_gpu:
+                    host = torch.empty(offset - start, dtype=(wire if wire is not None else flat).dtype)
+                    host = host.pin_memory()
+                bucket = Bucket(len(self.buckets), flat[start:offset], members, wire=wire, host=host)
                 self.buckets.append(bucket)
                 for p in members:
                     self._bucket_of[id(p)] = bucket
@@ -138,6 +145,9 @@ class GradBuckets:
         bucket = self._bucket_of[id(p)]
         bucket.pending -= 1
         if bucket.pending == 0:
+            if self.on_gpu:  # the hook runs when the kernels are queued, not done: mark the point
+                bucket.ready = torch.cuda.Event()
+                bucket.ready.record()
             self._launch(bucket.index)
 
     def _launch(self, index: int) -> None:
@@ -157,7 +167,10 @@ class GradBuckets:
             for b in self.buckets:
                 if b.pending > 0:  # a parameter that got no gradient this step: reduce its zeros anyway
                     b.pending = 0
+                    b.ready = None
                     self._launch(b.index)
+            if self.on_gpu:
+                torch.cuda.synchronize()  # buckets launched above read gradients the stream may still write
             for b in self.buckets:
                 while not b.done.wait(timeout=1.0):
                     self._raise_if_failed()
@@ -196,12 +209,28 @@ class GradBuckets:
     def _reduce(self, b: Bucket) -> None:
         t0 = time.perf_counter()
         label = f"all-reduce bucket {b.index}, {b.nbytes / 2**20:.1f} MB"
+        if b.ready is not None:
+            b.ready.synchronize()
+        elif self.on_gpu and not self.overlap:
+            torch.cuda.synchronize()
+        src = b.flat
         if b.wire is not None:
             b.wire.copy_(b.flat)  # round to 16 bits on the wire
+            src = b.wire
+        if b.host is not None:  # GPU: through pinned host memory, since our MPI is not CUDA-aware
+            b.host.copy_(src)
+            self.allreduce(b.host, label)
+            src.copy_(b.host)
+            if src is not b.flat:
+                b.flat.copy_(src)
+            torch.cuda.current_stream().synchronize()
+        elif b.wire is not None:
             self.allreduce(b.wire, label)
             b.flat.copy_(b.wire)  # widen back; the optimizer works in float32
         else:
             self.allreduce(b.flat, label)
         b.flat.div_(self.world_size)
+        if self.on_gpu:
+            torch.cuda.current_stream().synchronize()
         self.comm_s += time.perf_counter() - t0
         b.done.set()

@@ -135,5 +135,5 @@ class DataParallel:
         """SHA-256 of this rank's parameters, gathered on rank 0 (to prove replicas stayed identical)."""
         h = hashlib.sha256()
         for p in model.state_dict().values():
-            h.update(dp_comm.as_bytes(p.detach().contiguous()).tobytes())
+            h.update(dp_comm.as_bytes(p.detach().cpu().contiguous()).tobytes())
         return dp_comm.gather_strings(h.hexdigest(), self.topo.dp_comm)

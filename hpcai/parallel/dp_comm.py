@@ -20,9 +20,17 @@ def as_bytes(t: torch.Tensor) -> np.ndarray:
 
 
 def broadcast_(t: torch.Tensor, comm: MPI.Comm, root: int = 0) -> None:
-    """Overwrite ``t`` on every rank with root's values, bit for bit (raw bytes: exact for any dtype)."""
-    if t.numel():
-        comm.Bcast([as_bytes(t), MPI.BYTE], root)
+    """Overwrite ``t`` on every rank with root's values, bit for bit (raw bytes: exact for any dtype).
+
+    A GPU tensor goes through host memory (our MPI is not CUDA-aware)."""
+    if not t.numel():
+        return
+    if t.device.type != "cpu":
+        host = t.detach().cpu()
+        comm.Bcast([as_bytes(host), MPI.BYTE], root)
+        t.copy_(host)
+        return
+    comm.Bcast([as_bytes(t), MPI.BYTE], root)
 
 
 def allreduce_sum_(t: torch.Tensor | np.ndarray, comm: MPI.Comm) -> torch.Tensor | np.ndarray:
