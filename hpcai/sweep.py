@@ -241,13 +241,32 @@ def validate_sweep(spec: SweepSpec) -> None:
         fail("early_stopping.method", f"{es.method} prunes on per-epoch test_accuracy, but the base job has "
              "train.eval_every = 0: add \"train.eval_every=1\" to sweep.set")  # fmt: skip
     for p in params:  # every end of every range, every choice: through the job spec's own checks
-        if "." not in p.name:
-            fail(f"space.{p.name}", "not a job key: name it section.key, e.g. train.lr")
+        _check_job_key(spec, p.name)
         for value in p.values if p.type == "choice" else (p.low, p.high):
             try:
                 load_spec(s.base, [*s.set, f"{p.name}={_toml_value(value)}"], ranks=par.ranks_per_trial)
             except UserError as e:
                 fail(f"space.{p.name}", f"{value!r} does not fit the base job {s.base}: {e}")
+
+
+def _check_job_key(spec: SweepSpec, name: str) -> None:
+    """A space key must name a key of the job spec (section.key, or deeper under a table like model.args)."""
+    from hpcai.spec import SECTION_TYPES
+
+    where = f"{spec.source}: space.{name}"
+    section, _, rest = name.partition(".")
+    if not rest:
+        raise SweepError(f"{where}: not a job key: name it section.key, e.g. train.lr")
+    if section not in SECTION_TYPES:
+        raise SweepError(
+            f"{where}: the base job has no section [{section}]{_did_you_mean(section, list(SECTION_TYPES))}"
+        )
+    key, _, deeper = rest.partition(".")
+    hints = typing.get_type_hints(SECTION_TYPES[section])
+    if key not in hints:
+        raise SweepError(f"{where}: the base job has no key {section}.{key}{_did_you_mean(key, list(hints))}")
+    if deeper and typing.get_origin(hints[key]) is not dict:
+        raise SweepError(f"{where}: {section}.{key} is not a table: {name} cannot be set")
 
 
 # ---------------------------------------------------------------------------------------------- ledger
