@@ -125,10 +125,11 @@ def run_mpi(spec: SweepSpec, world: MPI.Comm | None = None) -> int:
     world = (world or MPI.COMM_WORLD).Dup()  # control messages apart from anything else on the world
     rank, size = world.Get_rank(), world.Get_size()
     n_groups = groups_for(spec, size)  # the same check on every rank: all raise alike, nobody waits
-    problem = None
+    problem, held = None, contextlib.ExitStack()
     if rank == 0:
         try:
             _setup(spec)
+            held.enter_context(Ledger(spec.dir).locked(blocking=False))  # one sweep per directory
         except UserError as e:
             problem = str(e)
     problem = world.bcast(problem, root=0)
@@ -138,9 +139,17 @@ def run_mpi(spec: SweepSpec, world: MPI.Comm | None = None) -> int:
         return 2
     r = spec.parallel.ranks_per_trial
     group = world.Split(MPI.UNDEFINED if rank == 0 else (rank - 1) // r, rank)
-    if rank == 0:
-        return _coordinate(spec, world, n_groups)
-    _group_loop(spec, world, group, (rank - 1) // r)
+    try:
+        if rank == 0:
+            with held:
+                return _coordinate(spec, world, n_groups)
+        _group_loop(spec, world, group, (rank - 1) // r)
+    except BaseException as e:  # noqa: BLE001 - outside a trial, a failure would leave the others waiting
+        sys.stderr.write(
+            f"hpcai: rank {rank}: error: sweep: {type(e).__name__}: {e}\n{traceback.format_exc()}"
+        )
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(130 if isinstance(e, KeyboardInterrupt) else 1)
     group.Free()
     return 0
 
@@ -153,37 +162,37 @@ def _coordinate(spec: SweepSpec, world: MPI.Comm, n_groups: int) -> int:
         signal.signal(sig, lambda s, _f: stop.update(signal=s))
     ledger = Ledger(spec.dir)
     preempted = False
-    with ledger.locked(blocking=False):
-        sched = Scheduler(spec, ledger, stale=lambda r: True)  # we hold the lock: every 'running' is stale
-        done = sum(r["status"] != "running" for r in sched.records.values())
-        _say(f"{spec.sweep.method} search, {n_groups} groups x {spec.parallel.ranks_per_trial} ranks, "
-             f"{done} trials already done, {len(sched.requeue)} to re-run, budget {spec.budget.trials} "
-             f"-> {spec.dir}")  # fmt: skip
-        active = n_groups
-        status = MPI.Status()
-        while active:
-            if not world.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, status):
-                time.sleep(0.005)
-                continue
-            src, tag = status.Get_source(), status.Get_tag()
-            msg = world.recv(source=src, tag=tag)
-            if tag == TAG_REPORT:
-                world.send(sched.report(msg["trial"], msg["epoch"], msg["value"]), dest=src, tag=TAG_VERDICT)
-                continue
-            result = msg.get("result")
-            if result and result["status"] == "preempted":
-                preempted = True  # stays 'running' in the ledger: the next run continues it
-            elif result:
-                rec = sched.finish(msg["trial"], result)
-                _say(_line(spec, rec))
-            g = msg["group"]
-            nxt = None if stop["signal"] or preempted else sched.next_trial(f"group-{g}", {"group": g})
-            world.send(nxt, dest=src, tag=TAG_TRIAL)
-            if nxt is None:
-                active -= 1
-            else:
-                _say(f"trial {nxt['trial']:04d} started on group {msg['group']}: {nxt['params']}")
-        finish_report(spec, sched.records)
+    # run_mpi holds the ledger's lock: every 'running' trial in it is stale (left by an earlier run).
+    sched = Scheduler(spec, ledger, stale=lambda r: True)
+    done = sum(r["status"] != "running" for r in sched.records.values())
+    _say(f"{spec.sweep.method} search, {n_groups} groups x {spec.parallel.ranks_per_trial} ranks, "
+         f"{done} trials already done, {len(sched.requeue)} to re-run, budget {spec.budget.trials} "
+         f"-> {spec.dir}")  # fmt: skip
+    active = n_groups
+    status = MPI.Status()
+    while active:
+        if not world.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, status):
+            time.sleep(0.005)
+            continue
+        src, tag = status.Get_source(), status.Get_tag()
+        msg = world.recv(source=src, tag=tag)
+        if tag == TAG_REPORT:
+            world.send(sched.report(msg["trial"], msg["epoch"], msg["value"]), dest=src, tag=TAG_VERDICT)
+            continue
+        result = msg.get("result")
+        if result and result["status"] == "preempted":
+            preempted = True  # stays 'running' in the ledger: the next run continues it
+        elif result:
+            rec = sched.finish(msg["trial"], result)
+            _say(_line(spec, rec))
+        g = msg["group"]
+        nxt = None if stop["signal"] or preempted else sched.next_trial(f"group-{g}", {"group": g})
+        world.send(nxt, dest=src, tag=TAG_TRIAL)
+        if nxt is None:
+            active -= 1
+        else:
+            _say(f"trial {nxt['trial']:04d} started on group {msg['group']}: {nxt['params']}")
+    finish_report(spec, sched.records)
     return EXIT_PREEMPTED if preempted or stop["signal"] else 0
 
 

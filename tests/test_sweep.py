@@ -226,3 +226,15 @@ def test_bad_input_is_one_line_before_any_trial(
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert str(sweep) in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_sweep_dir_in_use_is_refused(tmp_path: Path, digits_dataset: Path) -> None:
+    """Two sweeps in one directory would hand out the same trial numbers: the second stops, exit 2."""
+    from hpcai.sweep import Ledger
+
+    sweep = write_sweep(tmp_path, digits_dataset, RANDOM_3)
+    with Ledger(tmp_path / "sweep").locked():
+        proc = run_cli("sweep", str(sweep), "-n", "2", timeout=60)
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    assert "another sweep holds this sweep directory" in proc.stderr
+    assert not (tmp_path / "sweep" / "trials.jsonl").exists()
