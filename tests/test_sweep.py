@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -238,3 +239,15 @@ def test_a_sweep_dir_in_use_is_refused(tmp_path: Path, digits_dataset: Path) -> 
     assert proc.returncode == 2, proc.stderr + proc.stdout
     assert "another sweep holds this sweep directory" in proc.stderr
     assert not (tmp_path / "sweep" / "trials.jsonl").exists()
+
+
+def test_objective_comes_from_the_summary_else_the_last_metrics_record(
+    tmp_path: Path, digits_dataset
+) -> None:
+    from hpcai.sweep import read_objective
+
+    spec = load_sweep(write_sweep(tmp_path, digits_dataset, RANDOM_3, ()))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5, "lr": 0.1}\n')
+    assert read_objective(spec, tmp_path, {"test_accuracy": 0.9}) == 0.9
+    loss = dataclasses.replace(spec, objective=dataclasses.replace(spec.objective, key="loss"))
+    assert read_objective(loss, tmp_path, {"test_accuracy": 0.9}) == 1.5
