@@ -11,6 +11,8 @@ hpcai bench allreduce -n 2 --sizes 64KiB,4MiB --json ar.json
 hpcai render jobs/digits.toml --cluster local          # the sbatch script (hpcai/slurm_cli.py has more)
 hpcai submit jobs/digits.toml --cluster local [--dry-run]
 hpcai status runs/digits
+hpcai sweep jobs/digits_sweep.toml -n 3         # hyperparameter search (hpcai/sweep_cli.py has more)
+hpcai bench search --seeds 10 --json search.json
 python -m hpcai ...                        # the same
 """
 
@@ -22,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from hpcai import slurm_cli
+from hpcai import slurm_cli, sweep_cli
 from hpcai.errors import UserError
 
-BENCHES = ["allreduce", "checkpoint", "ddp", "io"]  # each is hpcai/bench/<name>.py with main(argv) -> int
+BENCHES = ["allreduce", "checkpoint", "ddp", "io", "search"]  # each is hpcai/bench/<name>.py with main(argv) -> int
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=BENCHES)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     slurm_cli.add_subcommands(sub, _add_job_args)
+    sweep_cli.add_subcommand(sub)
     return parser
 
 
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "inspect": cmd_inspect,
         "data": cmd_data,
         "bench": cmd_bench,
+        "sweep": sweep_cli.cmd_sweep,
     }.get(args.command) or slurm_cli.handler(args.command, _load)  # render/submit/status
     try:
         return handler(args)
