@@ -27,7 +27,8 @@ from pathlib import Path
 from hpcai import slurm_cli, sweep_cli
 from hpcai.errors import UserError
 
-BENCHES = ["allreduce", "checkpoint", "ddp", "io", "search"]  # each is hpcai/bench/<name>.py with main(argv) -> int
+# Each is hpcai/bench/<name>.py with main(argv) -> int.
+BENCHES = ["allreduce", "checkpoint", "ddp", "io", "search"]
 
 
 class _Parser(argparse.ArgumentParser):
