@@ -28,7 +28,7 @@ from hpcai import slurm_cli, sweep_cli
 from hpcai.errors import UserError
 
 # Each is hpcai/bench/<name>.py with main(argv) -> int.
-BENCHES = ["allreduce", "checkpoint", "ddp", "io", "search"]
+BENCHES = ["allreduce", "checkpoint", "ddp", "io", "ps", "search"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,7 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         "fresh; force: like auto but accept a changed job spec; PATH: that checkpoint",
     )
     run.add_argument(
-        "--inject-failure", metavar="step=K[,rank=R]", help="SIGKILL rank R after step K (tests)"
+        "--inject-failure",
+        metavar="step=K[,rank=R][,how=kill|hang|raise]",
+        help="rank R fails after step K: SIGKILL (default), stops communicating, or raises (tests)",
+    )
+    run.add_argument(
+        "--slow-rank",
+        metavar="RANK:FACTOR",
+        help="train.strategy = 'ps': worker RANK sleeps so each step takes FACTOR times its compute",
     )
     insp = sub.add_parser(
         "inspect", help="what a checkpoint holds, or which one a run directory would resume"
@@ -113,6 +120,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         FailureInjection.parse(args.inject_failure)
         os.environ["HPCAI_INJECT_FAILURE"] = args.inject_failure
+    if args.slow_rank:
+        os.environ["HPCAI_SLOW_RANK"] = _slow_rank(args.slow_rank, spec)
     os.environ["HPCAI_RESUME"] = args.resume
     if mpi_environment():
         from hpcai.worker import run_worker
@@ -124,6 +133,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     job_file.write_text(spec.to_toml())
     os.environ["HPCAI_T0"] = repr(t0)  # wall time counts from here, launch included
     return run_ranks(spec.job.ranks, ["-m", "hpcai.worker", str(job_file)])
+
+
+def _slow_rank(text: str, spec) -> str:
+    """``RANK:FACTOR`` checked against the job: RANK a worker of a ps job, FACTOR >= 1."""
+    rank, sep, factor = text.partition(":")
+    try:
+        r, f = int(rank), float(factor)
+    except ValueError:
+        raise UserError(f"--slow-rank: expected RANK:FACTOR (e.g. 4:4), got {text!r}") from None
+    if not sep or f < 1:
+        raise UserError(f"--slow-rank: expected RANK:FACTOR with FACTOR >= 1, got {text!r}")
+    if spec.train.strategy != "ps":
+        raise UserError("--slow-rank: only with train.strategy = 'ps'")
+    if not spec.ps.servers <= r < spec.job.ranks:
+        raise UserError(
+            f"--slow-rank: rank {r} is not a worker "
+            f"(workers are ranks {spec.ps.servers}..{spec.job.ranks - 1})"
+        )
+    return f"{r}:{f}"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

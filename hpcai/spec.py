@@ -68,7 +68,10 @@ class DataSection:
 
 @dataclass(frozen=True)
 class TrainSection:
-    strategy: str = _doc("Parallel strategy: 'data' (synchronous data parallel).", default="data")
+    strategy: str = _doc(
+        "Parallel strategy: 'data' (synchronous data parallel) or 'ps' (parameter servers, see [ps]).",
+        default="data",
+    )
     optimizer: str = _doc("sgd, adam or adamw.", default="sgd")
     lr: float = _doc("Peak learning rate.", default=0.1)
     momentum: float = _doc("SGD momentum.", default=0.9)
@@ -126,6 +129,38 @@ class CheckpointSection:
 
 
 @dataclass(frozen=True)
+class PsSection:
+    # Read by hpcai/parallel/param_server.py when train.strategy = "ps"; ignored otherwise.
+    servers: int = _doc(
+        "Server ranks (the first ones) holding the parameters and optimizer state, sharded by bytes; the "
+        "other job.ranks - servers ranks are workers.",
+        default=1,
+    )
+    mode: str = _doc(
+        "Consistency: 'async' (apply each push at once), 'ssp' (a worker runs at most `staleness` steps "
+        "ahead of the slowest) or 'bsp' (synchronous rounds: one averaged update per step).",
+        default="async",
+    )
+    staleness: int = _doc("Bound of ssp: steps a worker may run ahead of the slowest live worker.", default=2)
+    heartbeat_s: float = _doc(
+        "Seconds between a server's heartbeats to workers whose reply it holds back (ssp, bsp).", default=1.0
+    )
+    timeout_s: float = _doc(
+        "A worker silent this long after its last reply is declared failed; a worker that hears nothing "
+        "from a server this long stops the job. Must exceed the slowest step.",
+        default=30.0,
+    )
+    on_worker_failure: str = _doc(
+        "'continue' with the remaining workers, or 'stop' the job (a rerun resumes from the last checkpoint).",
+        default="continue",
+    )
+    simulate_compute_s: float = _doc(
+        "Extra seconds each worker sleeps per step, standing in for a bigger model (benchmarks).",
+        default=0.0,
+    )
+
+
+@dataclass(frozen=True)
 class SlurmSection:
     nodes: int = _doc("Nodes to allocate.", default=1)
     tasks_per_node: int = _doc("MPI ranks per node; 0 means job.ranks / nodes.", default=0)
@@ -165,6 +200,7 @@ class JobSpec:
     train: TrainSection = field(default_factory=TrainSection)
     comm: CommSection = field(default_factory=CommSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    ps: PsSection = field(default_factory=PsSection)
     slurm: SlurmSection = field(default_factory=SlurmSection)
     source: str = field(default="<defaults>", compare=False)
 
@@ -192,11 +228,13 @@ SECTION_TYPES: dict[str, type] = {f.name: f.default_factory().__class__ for f in
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": ("mlp", "cnn"),
-    "train.strategy": ("data",),
+    "train.strategy": ("data", "ps"),
     "train.optimizer": ("sgd", "adam", "adamw"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.device": ("cpu", "cuda"),
     "comm.compression": ("none", "fp16", "bf16"),
+    "ps.mode": ("async", "ssp", "bsp"),
+    "ps.on_worker_failure": ("continue", "stop"),
 }
 
 
@@ -342,7 +380,9 @@ def validate(spec: JobSpec) -> None:
         fail("train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     if t.batch_size < 1:
         fail("train.batch_size", f"must be >= 1, got {t.batch_size}")
-    if t.batch_size % j.ranks:
+    if t.strategy == "ps":
+        _validate_ps(spec, fail)
+    elif t.batch_size % j.ranks:
         fail(
             "train.batch_size",
             f"global batch {t.batch_size} does not divide across {j.ranks} ranks "
@@ -350,7 +390,9 @@ def validate(spec: JobSpec) -> None:
         )
     if t.grad_accum < 1:
         fail("train.grad_accum", f"must be >= 1, got {t.grad_accum}")
-    elif t.batch_size % (j.ranks * t.grad_accum):
+    elif t.strategy == "ps" and t.grad_accum != 1:
+        fail("train.grad_accum", f"must be 1 with train.strategy = 'ps', got {t.grad_accum}")
+    elif t.strategy != "ps" and t.batch_size % (j.ranks * t.grad_accum):
         fail(
             "train.grad_accum",
             f"global batch {t.batch_size} does not split into {j.ranks} ranks x {t.grad_accum} micro-batches",
@@ -409,6 +451,35 @@ def validate(spec: JobSpec) -> None:
         fail("slurm.signal_lead_s", f"must be >= 0, got {s.signal_lead_s}")
     if s.max_requeues < -1:
         fail("slurm.max_requeues", f"must be >= 0, or -1 for the profile's, got {s.max_requeues}")
+
+
+def _validate_ps(spec: JobSpec, fail) -> None:
+    """The [ps] section, and the batch split across the workers (not all ranks) of train.strategy = 'ps'."""
+    p, j, t = spec.ps, spec.job, spec.train
+    if p.servers < 1:
+        fail("ps.servers", f"must be >= 1, got {p.servers}")
+    workers = j.ranks - p.servers
+    if workers < 1:
+        fail(
+            "job.ranks",
+            f"{j.ranks} ranks leave no worker beside ps.servers = {p.servers} (need >= servers + 1)",
+        )
+    if t.batch_size % workers:
+        fail(
+            "train.batch_size",
+            f"global batch {t.batch_size} does not divide across {workers} workers "
+            f"({j.ranks} ranks - {p.servers} servers)",
+        )
+    if t.device != "cpu":  # servers and workers keep parameters in host memory (no GPU path yet)
+        fail("train.device", f"train.strategy = 'ps' runs on cpu only, got {t.device!r}")
+    if p.staleness < 0:
+        fail("ps.staleness", f"must be >= 0, got {p.staleness}")
+    if p.heartbeat_s <= 0:
+        fail("ps.heartbeat_s", f"must be > 0, got {p.heartbeat_s}")
+    if p.timeout_s <= p.heartbeat_s:
+        fail("ps.timeout_s", f"must exceed ps.heartbeat_s ({p.heartbeat_s}), got {p.timeout_s}")
+    if p.simulate_compute_s < 0:
+        fail("ps.simulate_compute_s", f"must be >= 0, got {p.simulate_compute_s}")
 
 
 # ---------------------------------------------------------------------------------------------- TOML out

@@ -97,10 +97,17 @@ class Result:
 
 @dataclass(frozen=True)
 class FailureInjection:
-    """``--inject-failure step=K[,rank=R]``: SIGKILL rank R right after its K-th optimizer step (a crash)."""
+    """``--inject-failure step=K[,rank=R][,how=kill|hang|raise]``: rank R fails right after its K-th step.
+
+    kill (default): SIGKILL, a crash. hang: the rank stops communicating (sleeps forever), like a stuck node
+    or file system. raise: a Python exception, like a bad batch or a bug.
+    """
 
     step: int
     rank: int = 0
+    how: str = "kill"
+
+    HOWS = ("kill", "hang", "raise")
 
     @classmethod
     def parse(cls, text: str) -> FailureInjection:
@@ -108,15 +115,32 @@ class FailureInjection:
 
         try:
             kv = dict(item.split("=", 1) for item in text.split(","))
-            unknown = set(kv) - {"step", "rank"}
+            unknown = set(kv) - {"step", "rank", "how"}
             if unknown or "step" not in kv:
                 raise ValueError
-            inj = cls(step=int(kv["step"]), rank=int(kv.get("rank", 0)))
+            inj = cls(step=int(kv["step"]), rank=int(kv.get("rank", 0)), how=kv.get("how", "kill"))
         except ValueError:
-            raise UserError(f"--inject-failure: expected step=K[,rank=R], got {text!r}") from None
-        if inj.step < 1 or inj.rank < 0:
-            raise UserError(f"--inject-failure: step must be >= 1 and rank >= 0, got {text!r}")
+            raise UserError(
+                f"--inject-failure: expected step=K[,rank=R][,how=kill|hang|raise], got {text!r}"
+            ) from None
+        if inj.step < 1 or inj.rank < 0 or inj.how not in cls.HOWS:
+            raise UserError(
+                f"--inject-failure: step must be >= 1, rank >= 0, how one of {', '.join(cls.HOWS)}; "
+                f"got {text!r}"
+            )
         return inj
+
+    def fire(self, logger: Any) -> None:
+        """Fail as configured (called by the rank and step it names)."""
+        logger.info(f"injected failure: {self.how} at step {self.step}")
+        for h in logger.handlers:
+            h.flush()
+        if self.how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif self.how == "raise":
+            raise RuntimeError(f"injected failure at step {self.step}")
+        while True:  # hang: alive, silent, holding whatever it holds
+            time.sleep(3600)
 
 
 def evaluate(model: nn.Module, split: ShardedSplit, strategy: Strategy, rank: int, batch: int = 512) -> float:
@@ -278,10 +302,7 @@ class Trainer:
                 self.window.append(loss)
                 window_steps += 1
                 if self.inject and self.inject.step == self.step and self.inject.rank == self.rank:
-                    self.reporter.logger.info(f"injected failure: SIGKILL at step {self.step}")
-                    for h in self.reporter.logger.handlers:
-                        h.flush()
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    self.inject.fire(self.reporter.logger)
                 epoch_end = self.step_in_epoch == self.loader.steps_per_epoch
                 do_eval = bool(cfg.eval_every) and epoch_end and (self.epoch + 1) % cfg.eval_every == 0
                 if self.step % cfg.log_every == 0 or self.step == self.n_steps or do_eval:
