@@ -103,6 +103,10 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
     Returns the summary on the topology's rank 0, None elsewhere. ``on_eval(epoch, test_accuracy) -> bool``
     is called on every rank after each evaluation (``train.eval_every``); True stops training early.
     """
+    if spec.train.strategy == "ps":  # servers and workers: their own loop (hpcai/parallel/param_server.py)
+        from hpcai.parallel.param_server import train_ps
+
+        return train_ps(spec, topo, t0)
     import numpy as np
     import torch
     from mpi4py import MPI
@@ -233,7 +237,11 @@ def run_worker(spec: JobSpec, t0: float | None = None) -> int:
     try:
         from hpcai.topology import Topology
 
-        train_job(spec, Topology.data_parallel(), t0)
+        if spec.train.strategy == "ps":
+            topo = Topology.param_server(spec.ps.servers)
+        else:
+            topo = Topology.data_parallel()
+        train_job(spec, topo, t0)
     except Preempted as e:  # every rank agreed to stop at this step: a clean, collective exit
         if rank == 0:
             sys.stderr.write(f"hpcai: {e}; run the same command again to continue\n")

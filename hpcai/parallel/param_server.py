@@ -1,0 +1,445 @@
+"""Parameter-server training (``train.strategy = "ps"``): sharded servers, async / ssp / bsp workers.
+
+    hpcai run jobs/digits_ps.toml                                   # 1 server + 4 workers, async
+    hpcai run jobs/digits_ps.toml --set ps.mode=ssp --set ps.staleness=2
+    hpcai run jobs/digits_ps.toml -n 6 --set ps.servers=2           # 2 servers, 4 workers
+    hpcai run jobs/digits_ps.toml --slow-rank 4:4                   # worker rank 4 four times slower
+    mpiexec -n 5 python -m hpcai.worker runs/digits_ps/job.toml     # what `hpcai run` launches
+
+Ranks ``0..R-1`` are servers, the rest workers (:meth:`Topology.param_server`). The model's parameters form
+one flat float32 vector; :class:`ShardPlan` cuts it into pieces (whole tensors, or slices of tensors larger
+than 1/R of the model) and deals them to the servers so each holds about the same bytes. A server keeps its
+shard and the job's optimizer over it (SGD momentum buffers, Adam moments live there only). Workers loop
+pull -> gradient of their own batches -> push; the loops are in :mod:`hpcai.parallel.ps_loops`, the MPI
+calls in :mod:`hpcai.parallel.ps_comm`. Rank 0 (server 0) writes metrics.jsonl, checkpoints (every server's
+shard and optimizer state gathered into one HDF5 file with tensors named as in the full model, the same
+layout as data parallel's) and summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hpcai import checkpoint as ckpt
+from hpcai.parallel import ps_comm
+from hpcai.spec import JobSpec, TrainSection
+from hpcai.train import lr_lambda, make_optimizer
+
+# ------------------------------------------------------------------------------------ sharding
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``length`` floats of the flat parameter vector from ``start``, held by ``server`` at ``offset``."""
+
+    server: int
+    start: int
+    length: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which server holds which part of the flat parameter vector. Same on every rank (pure function)."""
+
+    total: int
+    pieces: tuple[Piece, ...]
+    shard_sizes: tuple[int, ...]
+
+    @classmethod
+    def build(cls, sizes: list[int], n_servers: int) -> ShardPlan:
+        """Tensors of ``sizes`` (in model order) over ``n_servers``: a tensor above ceil(total / R) floats
+        is sliced into near-equal parts no larger than that; parts go largest first to the least-loaded
+        server."""
+        total = sum(sizes)
+        cap = max(1, -(-total // n_servers))
+        parts: list[tuple[int, int]] = []  # (start, length) in model order
+        start = 0
+        for size in sizes:
+            k = max(1, -(-size // cap))
+            for i in range(k):
+                lo, hi = size * i // k, size * (i + 1) // k
+                if hi > lo:
+                    parts.append((start + lo, hi - lo))
+            start += size
+        load = [0] * n_servers
+        owner: dict[int, int] = {}
+        for idx in sorted(range(len(parts)), key=lambda i: (-parts[i][1], i)):
+            s = min(range(n_servers), key=lambda j: (load[j], j))
+            owner[idx] = s
+            load[s] += parts[idx][1]
+        offsets = [0] * n_servers
+        pieces = []
+        for idx, (lo, n) in enumerate(parts):  # within a server, pieces keep model order
+            s = owner[idx]
+            pieces.append(Piece(s, lo, n, offsets[s]))
+            offsets[s] += n
+        return cls(total, tuple(pieces), tuple(load))
+
+    def of(self, server: int) -> list[Piece]:
+        return [p for p in self.pieces if p.server == server]
+
+    def pack(self, flat: np.ndarray, server: int, out: np.ndarray) -> None:
+        """``out`` (the server's shard layout) <- its pieces of ``flat`` (the model layout)."""
+        for p in self.of(server):
+            out[p.offset : p.offset + p.length] = flat[p.start : p.start + p.length]
+
+    def unpack(self, shard: np.ndarray, server: int, flat: np.ndarray) -> None:
+        for p in self.of(server):
+            flat[p.start : p.start + p.length] = shard[p.offset : p.offset + p.length]
+
+    def assemble(self, by_server: np.ndarray, flat: np.ndarray) -> None:
+        """``flat`` <- the servers' shards concatenated in server order (what a gather delivers)."""
+        base = np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]])
+        for p in self.pieces:
+            src = base[p.server] + p.offset
+            flat[p.start : p.start + p.length] = by_server[src : src + p.length]
+
+
+def flatten_model(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Point every trainable parameter's data and grad into two flat float32 vectors (model order)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if any(p.dtype != torch.float32 for p in params):
+        raise ValueError("train.strategy = 'ps' supports float32 parameters only")
+    n = sum(p.numel() for p in params)
+    flat, grad = torch.zeros(n), torch.zeros(n)
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            k = p.numel()
+            flat[offset : offset + k].copy_(p.data.reshape(-1))
+            p.data = flat[offset : offset + k].view_as(p)
+            p.grad = grad[offset : offset + k].view_as(p)
+            offset += k
+    return flat, grad
+
+
+# ------------------------------------------------------------------------------------ one server's shard
+
+
+class ShardOptimizer:
+    """A server's shard of the parameters and the job's optimizer over it (elementwise: SGD, Adam, AdamW).
+
+    Workers' gradients are applied with the learning rate of the global step (warm-up, cosine), so the
+    schedule spans the job's train.steps / epochs as in data parallel.
+    """
+
+    def __init__(self, values: np.ndarray, cfg: TrainSection, n_steps: int):
+        self.holder = nn.Module()
+        self.holder.shard = nn.Parameter(torch.from_numpy(values.astype(np.float32, copy=True)))
+        self.shard = self.holder.shard
+        self.shard.grad = torch.zeros_like(self.shard)
+        self.optimizer = make_optimizer(self.holder, cfg)
+        self.peak_lr, self.schedule = cfg.lr, lr_lambda(cfg, n_steps)
+
+    def lr(self, global_step: int) -> float:
+        return self.peak_lr * self.schedule(global_step)
+
+    def apply(self, grad: np.ndarray, scale: float, global_step: int) -> None:
+        """One optimizer step with ``grad * scale`` at the learning rate of ``global_step``."""
+        with torch.no_grad():
+            self.shard.grad.copy_(torch.from_numpy(grad)).mul_(scale)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr(global_step)
+        self.optimizer.step()
+
+    def values(self) -> np.ndarray:
+        return self.shard.detach().numpy()
+
+    def state_keys(self) -> list[str]:
+        """Optimizer state tensors shaped like the shard (momentum_buffer, exp_avg, ...), sorted."""
+        state = self.optimizer.state.get(self.shard, {})
+        return sorted(k for k, v in state.items() if torch.is_tensor(v) and v.numel() == self.shard.numel())
+
+    def state(self, key: str) -> np.ndarray:
+        return self.optimizer.state[self.shard][key].detach().numpy()
+
+    def scalars(self) -> dict[str, Any]:
+        """Per-parameter scalars (Adam's step), as plain numbers."""
+        out = {}
+        for k, v in self.optimizer.state.get(self.shard, {}).items():
+            if k not in self.state_keys():
+                out[k] = float(v) if torch.is_tensor(v) else v
+        return out
+
+    def load(self, values: np.ndarray, state: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.shard.copy_(torch.from_numpy(values))
+        st = self.optimizer.state[self.shard]
+        for k, a in state.items():
+            st[k] = torch.from_numpy(a.astype(np.float32, copy=True))
+        for k, v in scalars.items():
+            st[k] = torch.tensor(float(v)) if k == "step" else v
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def gather_checkpoint(topo, plan: ShardPlan, opt: ShardOptimizer, timeout_s: float) -> dict[str, np.ndarray]:
+    """Collective over the servers: every shard and its optimizer state, assembled in model layout on
+    server 0 (``{"params": flat, "<state key>": flat, ...}``); other servers get {}."""
+    keys = opt.state_keys()  # the same on every server: each applies the same count of updates
+    out = {}
+    for key in ["params", *keys]:
+        send = np.ascontiguousarray(opt.values() if key == "params" else opt.state(key))
+        recv = np.empty(plan.total, np.float32) if topo.is_root else None
+        ps_comm.gatherv_(send, recv, list(plan.shard_sizes), topo.server_comm, timeout_s, f"checkpoint {key}")
+        if topo.is_root:
+            out[key] = np.empty(plan.total, np.float32)
+            plan.assemble(recv, out[key])
+    return out
+
+
+def build_payload(
+    model: nn.Module, flat: torch.Tensor, gathered: dict[str, np.ndarray], scalars: dict, spec: JobSpec
+) -> ckpt.Payload:
+    """Server 0: a checkpoint in data parallel's layout (``/model/<name>``, ``/optimizer/state/<i>/<key>``)
+    from the gathered flat vectors, via a full-model optimizer that only ever holds this state."""
+    with torch.no_grad():
+        flat.copy_(torch.from_numpy(gathered["params"]))
+    full_opt = make_optimizer(model, spec.train)
+    params = [p for p in model.parameters() if p.requires_grad]
+    state: dict[int, dict[str, Any]] = {}
+    offset = 0
+    for i, p in enumerate(params):
+        k = p.numel()
+        entry: dict[str, Any] = {
+            key: torch.from_numpy(a[offset : offset + k].copy()).view_as(p)
+            for key, a in gathered.items()
+            if key != "params"
+        }
+        for key, v in scalars.items():
+            entry[key] = torch.tensor(float(v)) if key == "step" else v
+        if entry:
+            state[i] = entry
+        offset += k
+    full_opt.load_state_dict({"state": state, "param_groups": full_opt.state_dict()["param_groups"]})
+    sched = torch.optim.lr_scheduler.LambdaLR(full_opt, lambda _: 1.0)
+    return ckpt.pack_state(model, full_opt, sched)
+
+
+def load_shard(
+    payload: ckpt.Payload, model: nn.Module, plan: ShardPlan, server: int, opt: ShardOptimizer
+) -> None:
+    """This server's shard and optimizer state from a checkpoint of any server count."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    flat = np.zeros(plan.total, np.float32)
+    states: dict[str, np.ndarray] = {}
+    offset = 0
+    for i, (name, p) in enumerate(params):
+        k = p.numel()
+        a = payload.arrays.get(f"model/{name}")
+        if a is None or tuple(a.shape) != tuple(p.shape):
+            raise ckpt.CheckpointError(f"checkpoint tensor model/{name} is missing or has another shape")
+        flat[offset : offset + k] = a.reshape(-1)
+        for key, arr in payload.arrays.items():
+            prefix = f"optimizer/state/{i}/"
+            if key.startswith(prefix) and arr.size == k and arr.ndim > 0:
+                states.setdefault(key[len(prefix) :], np.zeros(plan.total, np.float32))[
+                    offset : offset + k
+                ] = arr.reshape(-1)
+        offset += k
+    shard = np.zeros(plan.shard_sizes[server], np.float32)
+    plan.pack(flat, server, shard)
+    shard_states = {}
+    for key, full in states.items():
+        shard_states[key] = np.zeros_like(shard)
+        plan.pack(full, server, shard_states[key])
+    scalars = json.loads(payload.attrs.get("ps_scalars", "{}"))
+    opt.load(shard, shard_states, scalars)
+
+
+# ------------------------------------------------------------------------------------ the entry point
+
+
+class WorkerFailed(RuntimeError):
+    """A worker failed and ps.on_worker_failure = 'stop'."""
+
+
+class ServerFailed(RuntimeError):
+    """A server stopped answering: the job stops; a rerun resumes from the last checkpoint."""
+
+
+def hist_dict(hist: dict[int, int]) -> dict[str, int]:
+    return {str(k): hist[k] for k in sorted(hist)}
+
+
+def train_ps(spec: JobSpec, topo, t0: float) -> dict | None:
+    """Train ``spec`` with parameter servers on ``topo`` (:meth:`Topology.param_server`); rank 0 gets the
+    summary, other ranks None.
+
+    Started by :func:`hpcai.worker.train_job` when ``train.strategy = "ps"``.
+    """
+    from hpcai.data.loader import BatchLoader
+    from hpcai.data.shards import ShardedDataset
+    from hpcai.models import build_model
+    from hpcai.parallel.ps_loops import Server, SlowDown, run_worker_loop
+    from hpcai.report import Reporter, plot_loss, rank_logger, write_json
+    from hpcai.train import FailureInjection, evaluate, total_steps
+    from hpcai.worker import _ensure_dataset, _select_checkpoint, _truncate_metrics
+
+    run_dir = spec.run_dir
+    resume_path = None
+    if topo.is_root:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "job.toml").write_text(spec.to_toml())
+        _ensure_dataset(spec, print)
+        resume_path = _select_checkpoint(spec, os.environ.get("HPCAI_RESUME", "auto"), print)
+        if resume_path is None:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    resume_path = topo.world.bcast(str(resume_path) if resume_path else None, root=0)  # a path: metadata
+    inject = os.environ.get("HPCAI_INJECT_FAILURE")
+    inject = FailureInjection.parse(inject) if inject else None
+    if inject is not None and inject.rank != topo.rank:
+        inject = None
+    logger = rank_logger(run_dir, topo.rank)
+    role = "server" if topo.is_server else "worker"
+    logger.info(f"start: {role}, world {topo.world_size}, pid {os.getpid()}, resume={resume_path or 'none'}")
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    torch.manual_seed(spec.train.seed)
+    data = ShardedDataset(spec.data.path)
+    model = build_model(spec.model, data.sample_shape, data.num_classes)
+    flat, grad = flatten_model(model)
+    ps_comm.bcast_(flat.numpy(), topo.ps_comm)  # rank 0's initial parameters everywhere (all ranks alive)
+    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    plan = ShardPlan.build(sizes, topo.n_servers)
+    steps_per_epoch = len(data.splits["train"]) // spec.train.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"the training split has {len(data.splits['train'])} samples, fewer than one global batch"
+        )
+    n_steps = total_steps(spec.train, steps_per_epoch)
+    payload = ckpt.read_checkpoint(Path(resume_path), verify=False) if resume_path else None
+
+    if not topo.is_server:
+        loader = BatchLoader(
+            data.splits["train"], spec.train.batch_size, topo.worker_index, topo.n_workers, spec.train.seed,
+            spec.data.prefetch,
+        )  # fmt: skip
+        slow = SlowDown.from_env(topo.rank)
+        run_worker_loop(topo, plan, model, flat, grad, loader, spec, logger, inject, slow)
+        data.close()
+        return None
+
+    shard = np.zeros(plan.shard_sizes[topo.rank], np.float32)
+    plan.pack(flat.numpy(), topo.rank, shard)
+    opt = ShardOptimizer(shard, spec.train, n_steps)
+    if payload is not None:
+        load_shard(payload, model, plan, topo.rank, opt)
+        if topo.is_root:
+            _truncate_metrics(run_dir, payload.step)
+    reporter = Reporter(run_dir, topo.is_root, logger, n_steps, t0)
+    writer = (
+        ckpt.CheckpointWriter(run_dir, spec.checkpoint.keep, False, log=logger.info) if topo.is_root else None
+    )
+
+    def save(server: Server) -> None:
+        """Collective over the servers at the same version: gather, and server 0 commits the file."""
+        gathered = gather_checkpoint(topo, plan, opt, 2 * spec.ps.timeout_s)
+        if writer is None:
+            server.checkpoints.append({"step": server.global_step})
+            return
+        p = build_payload(model, flat, gathered, opt.scalars(), spec)
+        step = server.global_step
+        p.attrs.update(
+            step=step, epoch=step // steps_per_epoch, step_in_epoch=0,
+            samples_seen=step * spec.train.batch_size,
+            last_loss=server.last_loss, world_size=topo.world_size, shuffle_seed=spec.train.seed,
+            spec=json.dumps(spec.to_dict(), sort_keys=True), spec_sha256=spec.spec_hash(),
+            ps_scalars=json.dumps(opt.scalars()), **server.state_attrs(),
+        )  # fmt: skip
+        p.arrays.update(server.state_arrays())
+        path = writer.save(p)
+        server.checkpoints.append({"step": step, "file": path.name, "block_s": writer.last_block_s})
+        logger.info(f"checkpoint {path.name}")
+
+    server = Server(topo, plan, opt, spec, n_steps, reporter, logger, inject, save, steps_per_epoch)
+    if payload is not None:
+        server.restore(payload)
+    reporter.say(
+        f"{spec.job.name}: {type(model).__name__} with {plan.total:,} parameters, {topo.n_servers} server(s) "
+        f"holding {list(plan.shard_sizes)} floats, {topo.n_workers} workers, mode {spec.ps.mode}, "
+        f"global batch {spec.train.batch_size} -> {run_dir}"
+    )
+    try:
+        result = server.run()
+    finally:
+        reporter.close()
+    if spec.checkpoint.final:  # every server, whatever its own count: the gather is collective
+        save(server)
+    gathered = gather_checkpoint(topo, plan, opt, 2 * spec.ps.timeout_s)
+    if writer is not None:
+        writer.wait()
+    if not topo.is_root:
+        data.close()
+        return None
+    with torch.no_grad():
+        flat.copy_(torch.from_numpy(gathered["params"]))
+    accuracy = evaluate(model, data.splits["test"], SimpleNamespace(world_size=1, sum=lambda a: a), 0)
+    data.close()
+    local_batch = spec.train.batch_size // topo.n_workers
+    summary = {
+        "job": spec.job.name,
+        "world_size": topo.world_size,
+        "strategy": "ps",
+        "mode": spec.ps.mode,
+        "servers": topo.n_servers,
+        "workers": topo.n_workers,
+        "steps": server.global_step,
+        "epochs": server.global_step / steps_per_epoch,
+        "final_loss": server.last_loss,
+        "test_accuracy": accuracy,
+        "wall_s": time.time() - t0,
+        "train_s": result.train_s,
+        "updates": result.updates,
+        "updates_per_s": result.updates / max(result.train_s, 1e-9),
+        "samples_per_s": result.updates * local_batch / max(result.train_s, 1e-9),
+        "updates_per_worker": {str(r): n for r, n in result.updates_per_worker.items()},
+        "staleness_histogram": hist_dict(result.staleness),
+        "max_staleness": max(result.staleness, default=0),
+        "delay_histogram": hist_dict(result.delay),
+        "staleness_bound": spec.ps.staleness
+        if spec.ps.mode == "ssp"
+        else (0 if spec.ps.mode == "bsp" else None),
+        "failed_workers": result.failed,
+        "left_workers": result.left,
+        "shard_floats": list(plan.shard_sizes),
+        "dataset": str(Path(spec.data.path).resolve()),
+        "model_parameters": plan.total,
+        "spec_sha256": spec.spec_hash(),
+        "resumed_from_step": server.resumed_from,
+        "checkpoints": server.checkpoints,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+    }
+    write_json(run_dir / "summary.json", summary)
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    plot_loss(history, run_dir / "loss.png", f"{spec.job.name}: ps {spec.ps.mode}, {topo.n_workers} workers")
+    reporter.say(
+        f"done: {server.global_step} steps ({result.updates} updates, {summary['updates_per_s']:.0f}/s), "
+        f"final loss {server.last_loss:.4f}, test accuracy {accuracy:.4f}, max staleness "
+        f"{summary['max_staleness']}, {summary['wall_s']:.1f} s wall"
+    )
+    if result.failed:
+        # A hung worker is alive and silent: MPI_Finalize and mpiexec would wait for it forever. Training is
+        # done and written, so end the job here with status 0.
+        import sys
+
+        sys.stderr.write(
+            f"hpcai: worker rank(s) {', '.join(map(str, result.failed))} stopped answering and are still "
+            "running; training finished without them; ending the job (MPI_Abort with status 0)\n"
+        )
+        sys.stderr.flush()
+        topo.world.Abort(0)
+    return summary
