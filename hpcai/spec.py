@@ -151,7 +151,8 @@ class PsSection:
         default=30.0,
     )
     on_worker_failure: str = _doc(
-        "'continue' with the remaining workers, or 'stop' the job (a rerun resumes from the last checkpoint).",
+        "'continue' with the remaining workers, or 'stop' the job (a rerun resumes from the last "
+        "checkpoint).",
         default="continue",
     )
     simulate_compute_s: float = _doc(

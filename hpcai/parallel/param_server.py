@@ -329,6 +329,7 @@ def train_ps(spec: JobSpec, topo, t0: float) -> dict | None:
             spec.data.prefetch,
         )  # fmt: skip
         slow = SlowDown.from_env(topo.rank)
+        ps_comm.barrier(topo.ps_comm)  # the servers may take longer to start than a worker's ps.timeout_s
         run_worker_loop(topo, plan, model, flat, grad, loader, spec, logger, inject, slow)
         data.close()
         return None
@@ -373,6 +374,7 @@ def train_ps(spec: JobSpec, topo, t0: float) -> dict | None:
         f"holding {list(plan.shard_sizes)} floats, {topo.n_workers} workers, mode {spec.ps.mode}, "
         f"global batch {spec.train.batch_size} -> {run_dir}"
     )
+    ps_comm.barrier(topo.ps_comm)
     try:
         result = server.run()
     finally:

@@ -97,6 +97,14 @@ def drain_beats(comm: MPI.Comm) -> set[int]:
     return seen
 
 
+def barrier(comm: MPI.Comm) -> None:
+    """Every rank ready (startup only, all alive): polled, so ranks that wait leave the cores to ranks still
+    importing and building (an idle MPICH barrier spins)."""
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(1e-3)
+
+
 def bcast_(a: np.ndarray, comm: MPI.Comm, root: int = 0) -> None:
     """Overwrite ``a`` (float32) with root's values on every rank of ``comm`` (startup: every rank alive)."""
     comm.Bcast([a, MPI.FLOAT], root=root)
