@@ -206,7 +206,7 @@ class Server:
             return
         if op == OP_LEAVE:
             s.state = "left"
-            self._failure(s, "raised an error and left (see its log)")
+            self._failure(s, f"raised an error after its step {s.clock} and left (see its log)")
             return
         s.state, s.since = "held", time.monotonic()
         if op == OP_PULL or self.finished:
@@ -305,12 +305,12 @@ class Server:
                 ps_comm.cancel(s.recv)
                 s.recv = s.sent = None  # never waited on: the worker may never receive it
                 self._failure(
-                    s, f"sent nothing for {self.cfg.timeout_s:g} s (ps.timeout_s) after its last reply"
+                    s, f"sent nothing for {self.cfg.timeout_s:g} s (ps.timeout_s) after its step {s.clock}"
                 )
 
     def _failure(self, s: Slot, why: str) -> None:
         s.has_grad = False
-        msg = f"worker rank {s.rank} {why} at step {self.global_step}"
+        msg = f"worker rank {s.rank} {why} (global step {self.global_step})"
         self.logger.warning(msg)
         if not self.topo.is_root:
             return  # server 0 speaks and decides for the job
