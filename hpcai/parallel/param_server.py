@@ -7,10 +7,10 @@
     mpiexec -n 5 python -m hpcai.worker runs/digits_ps/job.toml     # what `hpcai run` launches
 
 Ranks ``0..R-1`` are servers, the rest workers (:meth:`Topology.param_server`). The model's parameters form
-one flat float32 vector; :class:`ShardPlan` cuts it into pieces (whole tensors, or slices of tensors larger
-than 1/R of the model) and deals them to the servers so each holds about the same bytes. A server keeps its
-shard and the job's optimizer over it (SGD momentum buffers, Adam moments live there only). Workers loop
-pull -> gradient of their own batches -> push; the loops are in :mod:`hpcai.parallel.ps_loops`, the MPI
+one flat float32 vector; :class:`ShardPlan` cuts it into R contiguous ranges of about the same bytes, moving
+a cut to a tensor's edge where the tensor is small (small tensors stay whole; large ones are sliced). A server
+keeps its shard and the job's optimizer over it (SGD momentum buffers, Adam moments live there only). Workers
+loop pull -> gradient of their own batches -> push; the loops are in :mod:`hpcai.parallel.ps_loops`, the MPI
 calls in :mod:`hpcai.parallel.ps_comm`. Rank 0 (server 0) writes metrics.jsonl, checkpoints (every server's
 shard and optimizer state gathered into one HDF5 file with tensors named as in the full model, the same
 layout as data parallel's) and summary.json.
@@ -59,33 +59,30 @@ class ShardPlan:
 
     @classmethod
     def build(cls, sizes: list[int], n_servers: int) -> ShardPlan:
-        """Tensors of ``sizes`` (in model order) over ``n_servers``: a tensor above ceil(total / R) floats
-        is sliced into near-equal parts no larger than that; parts go largest first to the least-loaded
-        server."""
+        """Tensors of ``sizes`` (model order) over ``n_servers``: server s gets the contiguous range around
+        [total*s/R, total*(s+1)/R). A cut that falls inside a tensor smaller than a quarter of a share moves
+        to that tensor's nearer edge (small tensors stay whole); a larger tensor is sliced at the cut. So
+        every server holds within a small tensor's size of total/R floats."""
         total = sum(sizes)
-        cap = max(1, -(-total // n_servers))
-        parts: list[tuple[int, int]] = []  # (start, length) in model order
-        start = 0
-        for size in sizes:
-            k = max(1, -(-size // cap))
-            for i in range(k):
-                lo, hi = size * i // k, size * (i + 1) // k
-                if hi > lo:
-                    parts.append((start + lo, hi - lo))
-            start += size
-        load = [0] * n_servers
-        owner: dict[int, int] = {}
-        for idx in sorted(range(len(parts)), key=lambda i: (-parts[i][1], i)):
-            s = min(range(n_servers), key=lambda j: (load[j], j))
-            owner[idx] = s
-            load[s] += parts[idx][1]
-        offsets = [0] * n_servers
+        share = total / n_servers
+        edges = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        cuts = [0]
+        for s in range(1, n_servers):
+            c = int(round(share * s))
+            i = int(np.searchsorted(edges, c, side="right")) - 1  # the tensor holding float c
+            if i < len(sizes) and edges[i] < c and sizes[i] < share / 4:
+                c = int(edges[i]) if c - edges[i] <= edges[i + 1] - c else int(edges[i + 1])
+            cuts.append(max(c, cuts[-1]))
+        cuts.append(total)
         pieces = []
-        for idx, (lo, n) in enumerate(parts):  # within a server, pieces keep model order
-            s = owner[idx]
-            pieces.append(Piece(s, lo, n, offsets[s]))
-            offsets[s] += n
-        return cls(total, tuple(pieces), tuple(load))
+        for s in range(n_servers):
+            lo, hi, offset = cuts[s], cuts[s + 1], 0
+            for i in range(len(sizes)):  # this server's part of each tensor, in model order
+                a, b = max(lo, int(edges[i])), min(hi, int(edges[i + 1]))
+                if b > a:
+                    pieces.append(Piece(s, a, b - a, offset))
+                    offset += b - a
+        return cls(total, tuple(pieces), tuple(cuts[s + 1] - cuts[s] for s in range(n_servers)))
 
     def of(self, server: int) -> list[Piece]:
         return [p for p in self.pieces if p.server == server]
