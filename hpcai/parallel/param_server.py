@@ -286,6 +286,10 @@ def train_ps(spec: JobSpec, topo, t0: float) -> dict | None:
     from hpcai.train import FailureInjection, evaluate, total_steps
     from hpcai.worker import _ensure_dataset, _select_checkpoint, _truncate_metrics
 
+    if topo.n_servers == 0:  # e.g. a sweep trial's data-parallel sub-communicator
+        from hpcai.errors import UserError
+
+        raise UserError(f"{spec.source}: train.strategy: 'ps' needs its own world (hpcai run), not this one")
     run_dir = spec.run_dir
     resume_path = None
     if topo.is_root:
