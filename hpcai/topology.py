@@ -1,7 +1,14 @@
 """The rank layout: one immutable object, built once per run and passed explicitly.
 
-For synchronous data parallelism every rank is a data replica (``dp_rank == rank``). Later strategies
-(pipeline stages x replicas, servers vs workers) add their axes and sub-communicators here.
+Synchronous data parallelism: every rank is a data replica (``dp_rank == rank``), one pipeline stage.
+
+Pipeline x data parallelism (``Topology.pipeline(stages, replicas)``): world rank ``r`` is stage
+``r % stages`` of replica ``r // stages``, so one pipeline's ranks are neighbours (on one node where the
+launcher fills nodes in order: activations travel further than gradients averaged once a step)::
+
+    stages 2 x replicas 2:    replica 0: rank 0 (stage 0) -> rank 1 (stage 1)
+                              replica 1: rank 2 (stage 0) -> rank 3 (stage 1)
+    pp_comm (along a pipeline): {0, 1}, {2, 3}      dp_comm (a stage's replicas): {0, 2}, {1, 3}
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ from dataclasses import dataclass
 
 from mpi4py import MPI
 
+from hpcai.errors import UserError
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -17,21 +26,77 @@ class Topology:
     rank: int
     world_size: int
     local_rank: int
-    dp_comm: MPI.Comm
+    dp_comm: MPI.Comm  # this rank's data replicas (for a pipeline: the same stage in every replica)
     dp_rank: int
     dp_size: int
+    # Pipeline axis; data parallelism alone is one stage on a communicator of its own.
+    pp_comm: MPI.Comm | None = None  # the ranks of this rank's pipeline, ordered by stage
+    pp_rank: int = 0  # this rank's stage
+    pp_size: int = 1  # stages
+    job_comm: MPI.Comm | None = None  # a duplicate of world: whole-job collectives (metrics, checkpoints)
 
     @property
     def is_root(self) -> bool:
         return self.rank == 0
 
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def describe(self) -> str:
+        if self.pp_size == 1:
+            return f"{self.world_size} ranks"
+        return f"{self.world_size} ranks ({self.pp_size} stages x {self.dp_size} data replicas)"
+
     @classmethod
     def data_parallel(cls, world: MPI.Comm | None = None) -> Topology:
         world = world if world is not None else MPI.COMM_WORLD
-        # Ranks on the same node, for picking a local device later (cuda:<local_rank>).
-        node = world.Split_type(MPI.COMM_TYPE_SHARED)
-        local_rank = node.Get_rank()
-        node.Free()
         # A duplicate keeps our collectives' messages apart from anything the user's code sends on COMM_WORLD.
         dp = world.Dup()
-        return cls(world, world.Get_rank(), world.Get_size(), local_rank, dp, dp.Get_rank(), dp.Get_size())
+        return cls(
+            world,
+            world.Get_rank(),
+            world.Get_size(),
+            _local_rank(world),
+            dp,
+            dp.Get_rank(),
+            dp.Get_size(),
+            pp_comm=MPI.COMM_SELF.Dup(),
+            job_comm=dp,
+        )
+
+    @classmethod
+    def pipeline(cls, stages: int, replicas: int, world: MPI.Comm | None = None) -> Topology:
+        """Stages x replicas over ``world`` (collective); a size mismatch names every factor."""
+        world = world if world is not None else MPI.COMM_WORLD
+        size, rank = world.Get_size(), world.Get_rank()
+        if stages < 1 or replicas < 1 or size != stages * replicas:
+            raise UserError(f"world size {size} != stages {stages} x data_replicas {replicas}")
+        stage, replica = rank % stages, rank // stages
+        pp = world.Split(color=replica, key=stage)
+        dp = world.Split(color=stage, key=replica)
+        return cls(
+            world,
+            rank,
+            size,
+            _local_rank(world),
+            dp,
+            dp.Get_rank(),
+            dp.Get_size(),
+            pp_comm=pp,
+            pp_rank=pp.Get_rank(),
+            pp_size=pp.Get_size(),
+            job_comm=world.Dup(),
+        )
+
+
+def _local_rank(world: MPI.Comm) -> int:
+    """This rank's index among the ranks on its node, for picking a local device later (cuda:<local_rank>)."""
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank = node.Get_rank()
+    node.Free()
+    return local_rank
