@@ -133,7 +133,14 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
     torch.manual_seed(spec.train.seed)  # rank 0's initial parameters are broadcast anyway
     data = ShardedDataset(spec.data.path)
     model = build_model(spec.model, data.sample_shape, data.num_classes)
-    strategy = DataParallel(topo, grad_accum=spec.train.grad_accum)
+    n_params = sum(p.numel() for p in model.parameters())
+    if spec.train.strategy == "pipeline":
+        from hpcai.parallel.pipeline_parallel import apply_pipeline_parallel
+
+        example = torch.from_numpy(data.splits["train"].read(np.arange(2))[0])
+        model, strategy = apply_pipeline_parallel(model, topo, spec.parallel, example)  # this rank's stage
+    else:
+        strategy = DataParallel(topo, grad_accum=spec.train.grad_accum)
     loader = BatchLoader(
         data.splits["train"],
         spec.train.batch_size,
@@ -142,7 +149,6 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
         spec.train.seed,
         spec.data.prefetch,
     )
-    n_params = sum(p.numel() for p in model.parameters())
     payload = (
         ckpt.read_checkpoint(Path(resume_path), verify=False) if resume_path else None
     )  # rank 0 verified
@@ -154,7 +160,7 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
     if payload is not None:
         trainer.restore(payload)
     reporter.say(
-        f"{spec.job.name}: {type(model).__name__} with {n_params:,} parameters, {topo.world_size} ranks, "
+        f"{spec.job.name}: {type(model).__name__} with {n_params:,} parameters, {topo.describe()}, "
         f"global batch {spec.train.batch_size}, {len(data.splits['train'])} training samples -> {run_dir}"
     )
     try:
@@ -162,9 +168,14 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
     finally:
         reporter.close()
     digests = strategy.params_digest(model)
+    pipeline = strategy.report() if hasattr(strategy, "report") else None  # collective
+    trace = os.environ.get("HPCAI_TRACE")
+    if trace and hasattr(strategy, "write_trace"):
+        strategy.write_trace(Path(trace))  # collective: spans gathered to rank 0
     data.close()
     if topo.is_root:
-        identical = len(set(digests)) == 1
+        same = getattr(strategy, "replicas_identical", None)
+        identical = same(digests) if same is not None else len(set(digests)) == 1
         summary = {
             "job": spec.job.name,
             "world_size": topo.world_size,
@@ -186,6 +197,15 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
             "stopped_early": result.stopped_early,
             "restarts": restarts,
             "checkpoints": result.checkpoints,
+            **(
+                {
+                    "bubble_fraction": pipeline["bubble_fraction"],
+                    "bubble_theory": pipeline["bubble_theory"],
+                    "pipeline": pipeline,
+                }
+                if pipeline is not None
+                else {}
+            ),
             "versions": {
                 "hpcai": __version__,
                 "python": platform.python_version(),
@@ -196,7 +216,7 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
         }
         write_json(run_dir / "summary.json", summary)
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-        plot_loss(history, run_dir / "loss.png", f"{spec.job.name}: {topo.world_size} ranks")
+        plot_loss(history, run_dir / "loss.png", f"{spec.job.name}: {topo.describe()}")
         reporter.say(
             f"done: {result.steps} steps, final loss {result.final_loss:.4f}, test accuracy "
             f"{result.test_accuracy:.4f}, {summary['wall_s']:.1f} s wall, "
@@ -219,7 +239,11 @@ def run_worker(spec: JobSpec, t0: float | None = None) -> int:
     try:
         from hpcai.topology import Topology
 
-        train_job(spec, Topology.data_parallel(), t0)
+        if spec.train.strategy == "pipeline":
+            topo = Topology.pipeline(spec.parallel.stages, spec.parallel.data_replicas)
+        else:
+            topo = Topology.data_parallel()
+        train_job(spec, topo, t0)
     except Preempted as e:  # every rank agreed to stop at this step: a clean, collective exit
         if rank == 0:
             sys.stderr.write(f"hpcai: {e}; run the same command again to continue\n")
