@@ -9,10 +9,10 @@ gradient back. No MPI here: the bytes move through :class:`~hpcai.parallel.pipel
 Memory: every tensor autograd saves for backward passes a saved-tensor hook that counts its bytes (once per
 storage; parameters are not activations) against the micro-batch, released at its backward: ``peak_bytes`` is
 the most this stage held at once, ``max_in_flight`` the most micro-batches between forward and backward.
-``recompute`` wraps the stage in ``torch.utils.checkpoint`` (non-reentrant): it saves only the stage input,
-and rebuilds the activations of one micro-batch during its backward. ``offload`` moves saved tensors that live
-on an accelerator to host memory in the same hook and back in backward; on a CPU-only run they are on the host
-already, so the hook runs but moves nothing.
+``recompute`` wraps the stage in ``torch.utils.checkpoint`` (non-reentrant): it saves only the stage input
+(which passes the same hook, so it is counted), and rebuilds the activations of one micro-batch during its
+backward. ``offload`` moves saved tensors that live on an accelerator to host memory in the same hook and back
+in backward; on a CPU-only run they are on the host already, so the hook runs but moves nothing.
 """
 
 from __future__ import annotations
@@ -85,8 +85,6 @@ class Stage:
                 # The micro-batch's mean loss times its share: the parts sum to the batch's mean loss, so the
                 # accumulated gradients are the whole batch's.
                 out = self.loss_fn(out, y) * (len(y) / self.batch_len)
-        if self.recompute and not self.first:
-            self.held[mb] += x.numel() * x.element_size()  # what checkpoint keeps: the stage input
         self.inputs[mb], self.outputs[mb] = x, out
         self.live_bytes += self.held[mb]
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
