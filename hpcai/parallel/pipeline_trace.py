@@ -3,8 +3,9 @@
 Every rank records spans (kind, micro-batch, start, end) on one clock that starts at a barrier, so the ranks'
 timelines line up to within the barrier's skew. Bubble: per rank, the part of its schedule time (the
 ``step`` spans: from the first forward's wait to the last send) not spent in forward or backward;
-``bubble_fraction`` is its mean over the ranks, to compare with ``(S-1)/(m+S-1)`` for equal stages and free
-communication. Open the trace at https://ui.perfetto.dev or chrome://tracing.
+``bubble_fraction`` is its mean over the ranks (from the second step on: the first allocates buffers), to
+compare with ``(S-1)/(m+S-1)`` for equal stages and free communication.
+Open the trace at https://ui.perfetto.dev or chrome://tracing.
 """
 
 from __future__ import annotations
