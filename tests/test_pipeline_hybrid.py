@@ -86,7 +86,8 @@ def test_shape_mismatch_names_both_stages_and_ends_every_rank(tmp_path: Path, di
         "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(48, num_classes))\n"
     )
     sets = pipeline_sets(digits_dataset, 5, 2, "1f1b", 4)
-    sets += ["--set", f"model.factory={json.dumps(str(factory))}", "--set", "parallel.split=[3]"]
+    ref = json.dumps(f"{factory}:make_model")
+    sets += ["--set", f"model.factory={ref}", "--set", "parallel.split=[3]"]
     t0 = time.perf_counter()
     proc = run_pipeline(tmp_path / "run", sets, 2, timeout=120)
     assert proc.returncode == 2, proc.stderr
