@@ -274,14 +274,19 @@ def find_resumable(run_dir: Path, warn=print) -> tuple[Path, Payload] | None:
 
 def spec_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``section.key: old -> new`` for every key that differs (ignoring what may change on a restart)."""
+    from hpcai.spec import JobSpec
+
+    # A key the saved spec lacks was added to hpcai since: it had its default then.
+    defaults = JobSpec().to_dict()
     out = []
     for section in sorted(set(saved) | set(current)):
         a, b = saved.get(section, {}), current.get(section, {})
         for key in sorted(set(a) | set(b)):
             if (section, key) in RESTART_MAY_CHANGE or section == "slurm":
                 continue
-            if a.get(key) != b.get(key):
-                out.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+            old = a[key] if key in a else defaults.get(section, {}).get(key)
+            if old != b.get(key):
+                out.append(f"{section}.{key}: {old!r} -> {b.get(key)!r}")
     return out
 
 

@@ -8,6 +8,8 @@ hpcai data build digits --out data/digits --shards 4
 hpcai data build /tmp/x.npz --out /tmp/x -n 2 --shards 8 && hpcai data info /tmp/x
 hpcai bench io /tmp/x --json io.json
 hpcai bench allreduce -n 2 --sizes 64KiB,4MiB --json ar.json
+hpcai run jobs/digits_pipeline.toml --trace runs/trace.json   # 2 pipeline stages; Perfetto trace + PNG
+hpcai bench memory --json mem.json         # activation memory: none/recompute/offload, GPipe vs 1F1B
 hpcai render jobs/digits.toml --cluster local          # the sbatch script (hpcai/slurm_cli.py has more)
 hpcai submit jobs/digits.toml --cluster local [--dry-run]
 hpcai status runs/digits
@@ -28,7 +30,7 @@ from hpcai import slurm_cli, sweep_cli
 from hpcai.errors import UserError
 
 # Each is hpcai/bench/<name>.py with main(argv) -> int.
-BENCHES = ["allreduce", "checkpoint", "ddp", "io", "ps", "search"]
+BENCHES = ["allreduce", "checkpoint", "ddp", "io", "memory", "ps", "search"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--slow-rank",
         metavar="RANK:FACTOR",
         help="train.strategy = 'ps': worker RANK sleeps so each step takes FACTOR times its compute",
+    )
+    run.add_argument(
+        "--trace",
+        metavar="FILE.json",
+        help="pipeline runs: write every rank's forward/backward/send/recv/idle spans as a Chrome/Perfetto "
+        "trace, and FILE.png, a timeline of the last steps",
     )
     insp = sub.add_parser(
         "inspect", help="what a checkpoint holds, or which one a run directory would resume"
@@ -123,6 +131,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.slow_rank:
         os.environ["HPCAI_SLOW_RANK"] = _slow_rank(args.slow_rank, spec)
     os.environ["HPCAI_RESUME"] = args.resume
+    if args.trace:
+        if spec.train.strategy != "pipeline":
+            raise UserError("--trace: spans are recorded by train.strategy = 'pipeline' only")
+        os.environ["HPCAI_TRACE"] = str(Path(args.trace).resolve())
     if mpi_environment():
         from hpcai.worker import run_worker
 

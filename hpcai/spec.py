@@ -69,7 +69,8 @@ class DataSection:
 @dataclass(frozen=True)
 class TrainSection:
     strategy: str = _doc(
-        "Parallel strategy: 'data' (synchronous data parallel) or 'ps' (parameter servers, see [ps]).",
+        "Parallel strategy: 'data' (synchronous data parallel), 'pipeline' (stages x data replicas, see "
+        "[parallel]) or 'ps' (parameter servers, see [ps]).",
         default="data",
     )
     optimizer: str = _doc("sgd, adam or adamw.", default="sgd")
@@ -109,6 +110,48 @@ class CommSection:
         default=60.0,
     )
     stall_abort: bool = _doc("End the job when a stall is reported.", default=False)
+
+
+@dataclass(frozen=True)
+class ParallelSection:
+    """Pipeline (model) parallelism, read when ``train.strategy = "pipeline"``: ranks = stages x replicas."""
+
+    stages: int = _doc(
+        "Pipeline stages: the model's layers are cut into this many consecutive parts, one per rank of a "
+        "pipeline.",
+        default=1,
+    )
+    micro_batches: int = _doc(
+        "Micro-batches per replica's share of a global batch; gradients accumulate over them (the "
+        "pipeline's gradient accumulation), one data-parallel all-reduce after the last.",
+        default=4,
+    )
+    schedule: str = _doc(
+        "gpipe (all forwards, then all backwards: m micro-batches of activations held) or 1f1b "
+        "(PipeDream-flush: at most `stages` held on the first stage).",
+        default="1f1b",
+    )
+    data_replicas: int = _doc(
+        "Copies of the whole pipeline, each on its part of every global batch; a stage's replicas "
+        "average gradients with the ring all-reduce.",
+        default=1,
+    )
+    split: str | list[int] = _doc(
+        "Where to cut the model: 'layers' (equal counts of layers with parameters), 'params' (balanced "
+        "parameter counts), or explicit split points: stages-1 increasing indices into the nn.Sequential "
+        "where a new stage starts.",
+        default="layers",
+    )
+    recompute: bool = _doc(
+        "Activation checkpointing per stage: keep only each micro-batch's stage input, recompute the rest "
+        "in backward (torch.utils.checkpoint).",
+        default=False,
+    )
+    offload: bool = _doc(
+        "Move saved activations to host memory until backward (saved-tensor hooks); on a CPU-only run the "
+        "code path runs but moves nothing.",
+        default=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -200,6 +243,7 @@ class JobSpec:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     comm: CommSection = field(default_factory=CommSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     ps: PsSection = field(default_factory=PsSection)
     slurm: SlurmSection = field(default_factory=SlurmSection)
@@ -229,7 +273,8 @@ SECTION_TYPES: dict[str, type] = {f.name: f.default_factory().__class__ for f in
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": ("mlp", "cnn"),
-    "train.strategy": ("data", "ps"),
+    "train.strategy": ("data", "pipeline", "ps"),
+    "parallel.schedule": ("gpipe", "1f1b"),
     "train.optimizer": ("sgd", "adam", "adamw"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.device": ("cpu", "cuda"),
@@ -383,17 +428,21 @@ def validate(spec: JobSpec) -> None:
         fail("train.batch_size", f"must be >= 1, got {t.batch_size}")
     if t.strategy == "ps":
         _validate_ps(spec, fail)
+    elif t.strategy == "pipeline":
+        _validate_pipeline(spec, fail)
     elif t.batch_size % j.ranks:
         fail(
             "train.batch_size",
             f"global batch {t.batch_size} does not divide across {j.ranks} ranks "
             f"(try {max(j.ranks, t.batch_size // j.ranks * j.ranks)})",
         )
+    elif spec.parallel.stages != 1 or spec.parallel.data_replicas != 1:
+        fail("parallel.stages", "pipeline stages and replicas need train.strategy = 'pipeline'")
     if t.grad_accum < 1:
         fail("train.grad_accum", f"must be >= 1, got {t.grad_accum}")
     elif t.strategy == "ps" and t.grad_accum != 1:
         fail("train.grad_accum", f"must be 1 with train.strategy = 'ps', got {t.grad_accum}")
-    elif t.strategy != "ps" and t.batch_size % (j.ranks * t.grad_accum):
+    elif t.strategy == "data" and t.batch_size % (j.ranks * t.grad_accum):
         fail(
             "train.grad_accum",
             f"global batch {t.batch_size} does not split into {j.ranks} ranks x {t.grad_accum} micro-batches",
@@ -481,6 +530,37 @@ def _validate_ps(spec: JobSpec, fail) -> None:
         fail("ps.timeout_s", f"must exceed ps.heartbeat_s ({p.heartbeat_s}), got {p.timeout_s}")
     if p.simulate_compute_s < 0:
         fail("ps.simulate_compute_s", f"must be >= 0, got {p.simulate_compute_s}")
+
+
+def _validate_pipeline(spec: JobSpec, fail) -> None:
+    """The layout (ranks = stages x data_replicas), the batch split, the cut points."""
+    p, t, ranks = spec.parallel, spec.train, spec.job.ranks
+    for key in ("stages", "micro_batches", "data_replicas"):
+        if getattr(p, key) < 1:
+            fail(f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
+    if ranks != p.stages * p.data_replicas:
+        fail(
+            "job.ranks",
+            f"world size {ranks} != stages {p.stages} x data_replicas {p.data_replicas}",
+        )
+    if t.grad_accum != 1:
+        fail("train.grad_accum", "must be 1 for the pipeline: parallel.micro_batches is its accumulation")
+    if t.device != "cpu":  # stage-to-stage messages are host buffers; no GPU staging yet
+        fail("train.device", f"train.strategy = 'pipeline' runs on cpu only, got {t.device!r}")
+    if t.batch_size % (p.data_replicas * p.micro_batches):
+        fail(
+            "train.batch_size",
+            f"global batch {t.batch_size} does not split into data_replicas {p.data_replicas} x "
+            f"micro_batches {p.micro_batches}",
+        )
+    if isinstance(p.split, str):
+        if p.split not in ("layers", "params"):
+            fail("parallel.split", f"{p.split!r} is not one of 'layers', 'params', or a list of split points")
+    else:
+        if len(p.split) != p.stages - 1:
+            fail("parallel.split", f"{p.stages} stages need {p.stages - 1} split points, got {p.split}")
+        if any(b <= a for a, b in zip([0, *p.split], p.split, strict=False)):
+            fail("parallel.split", f"split points must be increasing and > 0, got {p.split}")
 
 
 # ---------------------------------------------------------------------------------------------- TOML out

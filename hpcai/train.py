@@ -30,7 +30,10 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on request; run the same comman
 
 class Strategy(Protocol):
     """What the loop needs from a parallel strategy. A strategy may also define
-    ``evaluate(model, split) -> float`` (e.g. a pipeline, where only the last stage sees logits)."""
+    ``evaluate(model, split) -> float`` (e.g. a pipeline, where only the last stage sees logits), and
+    ``state_for_checkpoint(model, optimizer, scheduler) -> Payload | None`` (collective: the whole model's
+    state on rank 0) with ``load_from_checkpoint(payload, model, optimizer, scheduler)`` when each rank holds
+    only part of the model; without them rank 0 packs its own (whole) model."""
 
     world_size: int
     is_root: bool
@@ -205,7 +208,12 @@ class Trainer:
 
     def restore(self, payload: ckpt.Payload) -> None:
         """Continue from ``payload`` with the bits of the run that wrote it (any rank count, same batch)."""
-        ckpt.unpack_state(payload, self.model, self.optimizer, self.scheduler)
+        # A strategy that splits the model (a pipeline) takes its part of the whole-model file itself.
+        load = getattr(self.strategy, "load_from_checkpoint", None)
+        if load is not None:
+            load(payload, self.model, self.optimizer, self.scheduler)
+        else:
+            ckpt.unpack_state(payload, self.model, self.optimizer, self.scheduler)
         a = payload.attrs
         self.step, self.epoch, self.step_in_epoch = int(a["step"]), int(a["epoch"]), int(a["step_in_epoch"])
         saved_world = int(a["world_size"])
@@ -220,10 +228,14 @@ class Trainer:
         """Collective: every rank hands rank 0 its RNG state and window losses; rank 0 commits the file."""
         rngs = self.strategy.gather(ckpt.pack_rng())
         window = self._gather_window()
+        # A strategy holding part of the model on each rank gathers the whole model to rank 0 (collective).
+        gather_state = getattr(self.strategy, "state_for_checkpoint", None)
+        payload = gather_state(self.model, self.optimizer, self.scheduler) if gather_state else None
         if not self.strategy.is_root:
             return
         self.carried += window
-        payload = ckpt.pack_state(self.model, self.optimizer, self.scheduler)
+        if payload is None:
+            payload = ckpt.pack_state(self.model, self.optimizer, self.scheduler)
         for r, blob in enumerate(rngs):
             payload.arrays[f"rng/rank_{r}"] = blob
         payload.arrays["train/window_losses"] = np.asarray(self.carried, dtype=np.float64)

@@ -147,8 +147,16 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.manual_seed(spec.train.seed)  # rank 0's initial parameters are broadcast anyway
     data = ShardedDataset(spec.data.path)
-    model = build_model(spec.model, data.sample_shape, data.num_classes).to(_device(spec, topo))
-    strategy = DataParallel(topo, grad_accum=spec.train.grad_accum, comm=spec.comm)
+    model = build_model(spec.model, data.sample_shape, data.num_classes)
+    n_params = sum(p.numel() for p in model.parameters())
+    if spec.train.strategy == "pipeline":
+        from hpcai.parallel.pipeline_parallel import apply_pipeline_parallel
+
+        example = torch.from_numpy(data.splits["train"].read(np.arange(2))[0])
+        model, strategy = apply_pipeline_parallel(model, topo, spec.parallel, example)  # this rank's stage
+    else:
+        model = model.to(_device(spec, topo))
+        strategy = DataParallel(topo, grad_accum=spec.train.grad_accum, comm=spec.comm)
     loader = BatchLoader(
         data.splits["train"],
         spec.train.batch_size,
@@ -157,7 +165,6 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
         spec.train.seed,
         spec.data.prefetch,
     )
-    n_params = sum(p.numel() for p in model.parameters())
     payload = (
         ckpt.read_checkpoint(Path(resume_path), verify=False) if resume_path else None
     )  # rank 0 verified
@@ -169,7 +176,7 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
     if payload is not None:
         trainer.restore(payload)
     reporter.say(
-        f"{spec.job.name}: {type(model).__name__} with {n_params:,} parameters, {topo.world_size} ranks, "
+        f"{spec.job.name}: {type(model).__name__} with {n_params:,} parameters, {topo.describe()}, "
         f"global batch {spec.train.batch_size}, {len(data.splits['train'])} training samples -> {run_dir}"
     )
     try:
@@ -177,11 +184,17 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
     finally:
         reporter.close()
     digests = strategy.params_digest(model)
-    comm_stats = strategy.stats()
-    strategy.close()
+    comm_stats = strategy.stats() if hasattr(strategy, "stats") else {}
+    pipeline = strategy.report() if hasattr(strategy, "report") else None  # collective
+    trace = os.environ.get("HPCAI_TRACE")
+    if trace and hasattr(strategy, "write_trace"):
+        strategy.write_trace(Path(trace))  # collective: spans gathered to rank 0
+    if hasattr(strategy, "close"):
+        strategy.close()
     data.close()
     if topo.is_root:
-        identical = len(set(digests)) == 1
+        same = getattr(strategy, "replicas_identical", None)
+        identical = same(digests) if same is not None else len(set(digests)) == 1
         summary = {
             "job": spec.job.name,
             "world_size": topo.world_size,
@@ -204,6 +217,15 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
             "restarts": restarts,
             "checkpoints": result.checkpoints,
             **comm_stats,
+            **(
+                {
+                    "bubble_fraction": pipeline["bubble_fraction"],
+                    "bubble_theory": pipeline["bubble_theory"],
+                    "pipeline": pipeline,
+                }
+                if pipeline is not None
+                else {}
+            ),
             "versions": {
                 "hpcai": __version__,
                 "python": platform.python_version(),
@@ -214,7 +236,7 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
         }
         write_json(run_dir / "summary.json", summary)
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-        plot_loss(history, run_dir / "loss.png", f"{spec.job.name}: {topo.world_size} ranks")
+        plot_loss(history, run_dir / "loss.png", f"{spec.job.name}: {topo.describe()}")
         reporter.say(
             f"done: {result.steps} steps, final loss {result.final_loss:.4f}, test accuracy "
             f"{result.test_accuracy:.4f}, {summary['wall_s']:.1f} s wall, "
@@ -239,6 +261,8 @@ def run_worker(spec: JobSpec, t0: float | None = None) -> int:
 
         if spec.train.strategy == "ps":
             topo = Topology.param_server(spec.ps.servers)
+        elif spec.train.strategy == "pipeline":
+            topo = Topology.pipeline(spec.parallel.stages, spec.parallel.data_replicas)
         else:
             topo = Topology.data_parallel()
         train_job(spec, topo, t0)

@@ -135,6 +135,12 @@ def test_spec_differences_ignore_restart_keys() -> None:
     a = {"job": {"ranks": 2, "run_dir": "x"}, "train": {"lr": 0.1, "epochs": 5}}
     b = {"job": {"ranks": 4, "run_dir": "y"}, "train": {"lr": 0.2, "epochs": 5}}
     assert ckpt.spec_differences(a, b) == ["train.lr: 0.1 -> 0.2"]
+    # A checkpoint from before a section existed: its keys had their defaults then.
+    from hpcai.spec import JobSpec
+
+    now = JobSpec().to_dict()
+    old = {k: v for k, v in now.items() if k != "comm"}
+    assert ckpt.spec_differences(old, now) == []
 
 
 # ------------------------------------------------------------------------------------ end to end (mpiexec)

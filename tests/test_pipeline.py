@@ -1,0 +1,69 @@
+"""Pipeline parallelism matches one-process training: GPipe and 1F1B, 2 and 4 stages, recompute and offload.
+
+Real ``mpiexec -n 2|4`` runs (4 ranks oversubscribe the 2-core CI box). STEPS is kept short so the file
+stays near a minute and a half; the full 100-step check of the same comparison:
+``python -m tests.pipeline_reference --steps 100``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline_reference import ROOT, compare, pipeline_sets, reference_run, run_pipeline
+
+STEPS = 20
+TOL = 1e-5  # relative, per step, float32
+
+
+@pytest.fixture(scope="module")
+def reference(digits_dataset: Path):
+    from hpcai.spec import load_spec
+
+    sets = pipeline_sets(digits_dataset, STEPS, 2, "1f1b", 4)
+    return reference_run(load_spec(ROOT / "jobs/digits.toml", sets[1::2], ranks=2))
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipeline_matches_one_process(
+    tmp_path: Path, digits_dataset: Path, reference, schedule: str, stages: int
+) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_pipeline(run_dir, pipeline_sets(digits_dataset, STEPS, stages, schedule, 4), stages)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    diff = compare(run_dir, *reference)
+    assert diff["max_rel_loss_diff"] <= TOL and diff["max_rel_param_diff"] <= TOL, diff
+    summary = json.loads((run_dir / "summary.json").read_text())
+    p = summary["pipeline"]
+    assert summary["world_size"] == stages and p["stages"] == stages and p["schedule"] == schedule
+    assert summary["bubble_theory"] == pytest.approx((stages - 1) / (4 + stages - 1))
+    assert 0 <= summary["bubble_fraction"] <= 1
+    # Activations in flight: GPipe holds all 4 micro-batches on every stage, 1F1B S - s on stage s.
+    expect = [4] * stages if schedule == "gpipe" else [min(4, stages - s) for s in range(stages)]
+    assert p["max_in_flight_per_stage"] == expect
+    assert len(summary["params_sha256"]) == stages and summary["params_identical_across_ranks"]
+
+
+def test_recompute_and_offload_give_the_same_losses(tmp_path: Path, digits_dataset: Path, reference) -> None:
+    """Checkpointed stages recompute the same values: losses bit-identical to the plain run's."""
+    plain, swapped = tmp_path / "plain", tmp_path / "swapped"
+    sets = pipeline_sets(digits_dataset, STEPS, 2, "1f1b", 4)
+    assert run_pipeline(plain, sets, 2).returncode == 0
+    extra = ["--set", "parallel.recompute=true", "--set", "parallel.offload=true"]
+    proc = run_pipeline(swapped, sets + extra, 2)
+    assert proc.returncode == 0, proc.stderr
+    assert _losses(swapped) == _losses(plain)
+    diff = compare(swapped, *reference)
+    assert diff["max_rel_loss_diff"] <= TOL, diff
+    p = json.loads((swapped / "summary.json").read_text())["pipeline"]
+    q = json.loads((plain / "summary.json").read_text())["pipeline"]
+    assert p["recompute"] and p["offload"]
+    # Recompute keeps only the stage inputs: less held for backward than the plain run.
+    assert p["peak_activation_bytes_per_stage"][1] < q["peak_activation_bytes_per_stage"][1]
