@@ -18,13 +18,12 @@ import difflib
 import re
 import shlex
 import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hpcai.errors import UserError
-from hpcai.spec import _coerce, _did_you_mean, _doc
+from hpcai.spec import _doc, build_sections
 
 # Shipped profiles and templates live at the repository root, beside the package.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -151,26 +150,8 @@ def load_profile(name_or_path: str) -> Profile:
 
 
 def parse_profile(raw: dict[str, Any], source: str) -> Profile:
-    sections: dict[str, Any] = {}
-    for sec_name, value in raw.items():
-        if sec_name not in _SECTIONS:
-            raise ProfileError(
-                f"{source}: unknown section [{sec_name}]{_did_you_mean(sec_name, list(_SECTIONS))}"
-            )
-        if not isinstance(value, dict):
-            raise ProfileError(f"{source}: {sec_name}: must be a table, got {type(value).__name__}")
-        cls = type(_SECTIONS[sec_name]())
-        hints = typing.get_type_hints(cls)
-        valid = [f.name for f in dataclasses.fields(cls)]
-        kwargs = {}
-        for key, v in value.items():
-            if key not in hints:
-                raise ProfileError(f"{source}: {sec_name}.{key}: unknown key{_did_you_mean(key, valid)}")
-            try:
-                kwargs[key] = _coerce(v, hints[key], f"{source}: {sec_name}.{key}")
-            except UserError as e:
-                raise ProfileError(str(e)) from None
-        sections[sec_name] = cls(**kwargs)
+    types = {name: type(factory()) for name, factory in _SECTIONS.items()}
+    sections = build_sections(raw, types, source, ProfileError)
     profile = Profile(**sections, source=source)
     validate_profile(profile)
     return profile

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpcai.errors import SpecError
+from hpcai.errors import SpecError, UserError
 
 
 def _doc(text: str, **kw: Any) -> Any:
@@ -339,25 +339,36 @@ def _did_you_mean(name: str, valid: list[str]) -> str:
     return f"{hint}; valid keys: {', '.join(valid)}"
 
 
-def _build(raw: dict[str, Any], source: str) -> JobSpec:
+def build_sections(
+    raw: dict[str, Any], section_types: dict[str, type], source: str, error: type[UserError] = SpecError
+) -> dict[str, Any]:
+    """TOML tables -> typed section dataclasses; an unknown section or key, or a wrong type, raises ``error``
+    naming the file and key (with a did-you-mean). Shared by job specs, cluster profiles and sweep specs."""
     sections: dict[str, Any] = {}
     for sec_name, value in raw.items():
-        if sec_name not in SECTION_TYPES:
-            raise SpecError(
-                f"{source}: unknown section [{sec_name}]{_did_you_mean(sec_name, list(SECTION_TYPES))}"
+        if sec_name not in section_types:
+            raise error(
+                f"{source}: unknown section [{sec_name}]{_did_you_mean(sec_name, list(section_types))}"
             )
         if not isinstance(value, dict):
-            raise SpecError(f"{source}: {sec_name}: must be a table, got {type(value).__name__}")
-        cls = SECTION_TYPES[sec_name]
+            raise error(f"{source}: {sec_name}: must be a table, got {type(value).__name__}")
+        cls = section_types[sec_name]
         hints = typing.get_type_hints(cls)
         valid = [f.name for f in dataclasses.fields(cls)]
         kwargs = {}
         for key, v in value.items():
             if key not in hints:
-                raise SpecError(f"{source}: {sec_name}.{key}: unknown key{_did_you_mean(key, valid)}")
-            kwargs[key] = _coerce(v, hints[key], f"{source}: {sec_name}.{key}")
+                raise error(f"{source}: {sec_name}.{key}: unknown key{_did_you_mean(key, valid)}")
+            try:
+                kwargs[key] = _coerce(v, hints[key], f"{source}: {sec_name}.{key}")
+            except SpecError as e:
+                raise error(str(e)) from None
         sections[sec_name] = cls(**kwargs)
-    return JobSpec(**sections, source=source)
+    return sections
+
+
+def _build(raw: dict[str, Any], source: str) -> JobSpec:
+    return JobSpec(**build_sections(raw, SECTION_TYPES, source), source=source)
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

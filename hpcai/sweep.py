@@ -29,7 +29,15 @@ from typing import Any
 
 from hpcai.errors import UserError
 from hpcai.search import METHODS, SearchExhausted, SpaceError, make_pruner, make_searcher, parse_space
-from hpcai.spec import _apply_override, _coerce, _did_you_mean, _doc, _toml_value, dumps_toml, load_spec
+from hpcai.spec import (
+    _apply_override,
+    _did_you_mean,
+    _doc,
+    _toml_value,
+    build_sections,
+    dumps_toml,
+    load_spec,
+)
 
 # What a trial produces: summary.json keys, then keys of metrics.jsonl records (the last record holding it).
 SUMMARY_KEYS = ("test_accuracy", "final_loss", "wall_s", "train_s", "samples_per_s", "data_wait_fraction",
@@ -170,21 +178,8 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
         raise SweepError(f"{source}: not valid TOML: {e}") from None
     for item in overrides:
         _apply_override(raw, item, source)
-    sections: dict[str, Any] = {}
     space = raw.pop("space", None)
-    for name, value in raw.items():
-        if name not in SECTIONS:
-            raise SweepError(f"{source}: unknown section [{name}]{_did_you_mean(name, [*SECTIONS, 'space'])}")
-        if not isinstance(value, dict):
-            raise SweepError(f"{source}: {name}: must be a table, got {type(value).__name__}")
-        cls = SECTIONS[name]
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, v in value.items():
-            if key not in hints:
-                raise SweepError(f"{source}: {name}.{key}: unknown key{_did_you_mean(key, list(hints))}")
-            kwargs[key] = _coerce(v, hints[key], f"{source}: {name}.{key}")
-        sections[name] = cls(**kwargs)
+    sections = build_sections(raw, SECTIONS, source, SweepError)
     for name, cls in SECTIONS.items():
         sections.setdefault(name, cls())
     if not isinstance(space, dict):
