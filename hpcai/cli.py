@@ -8,6 +8,8 @@ hpcai data build digits --out data/digits --shards 4
 hpcai data build /tmp/x.npz --out /tmp/x -n 2 --shards 8 && hpcai data info /tmp/x
 hpcai bench io /tmp/x --json io.json
 hpcai bench allreduce -n 2 --sizes 64KiB,4MiB --json ar.json
+hpcai bench train jobs/digits.toml --target test_accuracy=0.97 --runs 5 -n 1,2 --json ttt.json --plot ttt.png
+hpcai predict runs/digits --data data/digits --out preds.h5 -n 2
 hpcai render jobs/digits.toml --cluster local          # the sbatch script (hpcai/slurm_cli.py has more)
 hpcai submit jobs/digits.toml --cluster local [--dry-run]
 hpcai status runs/digits
@@ -76,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks against the real peers", add_help=False)
     bench.add_argument("what", choices=BENCHES)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
+    from hpcai.predict import add_arguments as add_predict_arguments
+
+    add_predict_arguments(sub.add_parser("predict", help="batch inference with a run's newest checkpoint"))
     slurm_cli.add_subcommands(sub, _add_job_args)
     sweep_cli.add_subcommand(sub)
     return parser
@@ -151,6 +156,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return importlib.import_module(f"hpcai.bench.{args.what}").main(args.rest)
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from hpcai.predict import predict_command
+
+    return predict_command(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {
@@ -160,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": cmd_data,
         "bench": cmd_bench,
         "sweep": sweep_cli.cmd_sweep,
+        "predict": cmd_predict,
     }.get(args.command) or slurm_cli.handler(args.command, _load)  # render/submit/status
     try:
         return handler(args)
