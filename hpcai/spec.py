@@ -97,6 +97,11 @@ class TrainSection:
         "Evaluate on the test split every this many epochs, logged as test_accuracy (0: only at the end).",
         default=0,
     )
+    stop_at_accuracy: float = _doc(
+        "Stop after the first evaluation (eval_every) whose test_accuracy reaches this (0: off); "
+        "`hpcai bench train` sets it to its target.",
+        default=0.0,
+    )
     device: str = _doc(
         "cpu, or cuda (each rank uses cuda:<local rank>; gradients go through host memory for MPI).",
         default="cpu",
@@ -371,6 +376,10 @@ def validate(spec: JobSpec) -> None:
         fail("train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     if t.eval_every < 0:
         fail("train.eval_every", f"must be >= 0, got {t.eval_every}")
+    if not 0 <= t.stop_at_accuracy <= 1:
+        fail("train.stop_at_accuracy", f"must be in [0, 1], got {t.stop_at_accuracy}")
+    if t.stop_at_accuracy > 0 and t.eval_every == 0:
+        fail("train.stop_at_accuracy", "needs train.eval_every > 0 (accuracy is only known when evaluated)")
     if t.log_every < 1:
         fail("train.log_every", f"must be >= 1, got {t.log_every}")
     if d.shards < 1:
