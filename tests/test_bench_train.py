@@ -140,3 +140,70 @@ def test_tiny_end_to_end(tmp_path: Path, digits_dataset: Path) -> None:
     assert 0 < row["mean_s"] <= run["run_wall_s"]  # counted from before the launch
     assert out.with_suffix(".md").read_text().startswith("## Time to train")
     assert (tmp_path / "ttt.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------- cost model and hardware
+
+
+def test_ring_allreduce_formula() -> None:
+    from hpcai.bench.model import ring_allreduce_time
+
+    a, b, g = 5e-6, 1e-9, 2e-10
+    n = 8 << 20
+    assert ring_allreduce_time(n, 1, a, b, g) == 0.0
+    assert ring_allreduce_time(n, 4, a, b, g) == pytest.approx(2 * 3 * a + 2 * 3 / 4 * n * b + 3 / 4 * n * g)
+    # our segmented ring: each step's 2 MiB chunk goes as two 1 MiB messages, each paying alpha
+    assert ring_allreduce_time(n, 4, a, b, g, segment=1 << 20) == pytest.approx(
+        2 * 3 * 2 * a + 2 * 3 / 4 * n * b + 3 / 4 * n * g
+    )
+    # the bandwidth term approaches 2 n beta as p grows
+    assert ring_allreduce_time(n, 1024, 0, b, 0) == pytest.approx(2 * n * b * 1023 / 1024)
+
+
+def test_pipeline_formulas() -> None:
+    from hpcai.bench.model import pipeline_bubble, pipeline_step_time, ring_allreduce_time
+
+    assert pipeline_bubble(1, 8) == 0.0
+    assert pipeline_bubble(4, 32) == pytest.approx(3 / 35)
+    a, b, g = 1e-5, 1e-9, 0.0
+    r = pipeline_step_time(64, 4, 32, 2.0, 1 << 20, 100 << 20, a, b, g)
+    slot = 2.0 / (4 * 32)
+    expect_pipe = (32 + 3) * (slot + 2 * (a + (1 << 20) * b))
+    assert r["replicas"] == 16 and r["pipeline_s"] == pytest.approx(expect_pipe)
+    assert r["allreduce_s"] == pytest.approx(ring_allreduce_time((100 << 20) / 4, 16, a, b, g))
+    assert r["step_s"] == pytest.approx(r["pipeline_s"] + r["allreduce_s"])
+    # no pipeline: the whole compute on one stage, no point-to-point term, no bubble
+    one = pipeline_step_time(64, 1, 32, 2.0, 1 << 20, 100 << 20, a, b, g)
+    assert one["bubble"] == 0 and one["pipeline_s"] == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        pipeline_step_time(64, 3, 8, 1.0, 0, 0, a, b, g)
+
+
+def test_alpha_beta_fit_recovers_the_constants() -> None:
+    from hpcai.bench.model import PINGPONG_SIZES, compare, fit_alpha_beta
+
+    alpha, beta = 4e-6, 2.5e-10
+    sizes = [max(4, s) for s in PINGPONG_SIZES]
+    a, b = fit_alpha_beta(sizes, [alpha + n * beta for n in sizes])
+    assert a == pytest.approx(alpha, rel=1e-3) and b == pytest.approx(beta, rel=1e-3)
+    rows = compare([{"impl": "mpi", "world_size": 2, "bytes": 1 << 20, "seconds": 1e-3}], a, b, 0.0, 1 << 20)
+    assert rows[0]["predicted_s"] == pytest.approx(2 * a + (1 << 20) * b)
+    assert rows[0]["measured_over_predicted"] == pytest.approx(1e-3 / rows[0]["predicted_s"])
+
+
+def test_hardware_bench_skips_cuda_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpcai.bench import hardware
+
+    assert (
+        hardware.steady_rate([{"samples_per_s": 1.0}, {"samples_per_s": 5.0}, {"samples_per_s": 7.0}]) == 6.0
+    )
+    assert hardware.steady_rate([{"samples_per_s": 1.0}]) is None
+    monkeypatch.setattr(hardware, "cuda_available", lambda: (False, "torch sees no GPU"))
+    args = hardware.parse_args(["jobs/digits.toml", "--devices", "cuda", "--out", str(tmp_path)])
+    report = hardware.run_bench(args)
+    assert report["rows"] == [
+        {"device": "cuda", "status": "skipped", "why": "torch sees no GPU", "vs_cpu": None}
+    ]
+    assert "skipped: torch sees no GPU" in hardware.format_markdown(report)
+    with pytest.raises(UserError):
+        hardware.parse_args(["jobs/digits.toml", "--devices", "tpu"])

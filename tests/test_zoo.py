@@ -154,3 +154,17 @@ def test_example_jobs_are_valid() -> None:
     for job in ("cnn_synthetic", "transformer_tokens", "resnet_synthetic"):
         spec = load_spec(ROOT / "jobs" / f"{job}.toml")
         assert spec.job.ranks == 2 and spec.train.eval_every == 1
+
+
+def test_gpu_hardware_script_runs_on_cpu(tmp_path: Path) -> None:
+    """scripts/gpu_hardware_bench.py (what scripts/gpu_check.sh runs on the GPU machine), shrunk, CPU only."""
+    out = tmp_path / "hw.json"
+    cmd = [sys.executable, str(ROOT / "scripts/gpu_hardware_bench.py"), "--devices", "cpu", "--tiny"]
+    cmd += ["--models", "mlp,transformer", "--cpu-seconds", "0", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    report = json.loads(out.read_text())
+    for name in ("mlp", "transformer"):
+        row = report["results"][name]
+        assert row["cpu_fp32"]["samples_per_s"] > 0 and row["cpu_fp32"]["steps"] >= 3
+        assert row["cuda_tf32_vs_cpu"] is None  # no GPU measured
