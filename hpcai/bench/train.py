@@ -144,7 +144,7 @@ def _run_one(args: argparse.Namespace, ranks: int, seed: int, batch: int, run_di
     cmd = [sys.executable, "-m", "hpcai", "run", args.job, "-n", str(ranks), "--run-dir", str(run_dir)]
     cmd += ["--resume", "never"] + [a for s in sets for a in ("--set", s)]
     root = str(Path(__file__).resolve().parents[2])  # the subprocess imports this same hpcai
-    env = dict(os.environ, HPCAI_TTY="0", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = dict(os.environ, HPCAI_TTY="0")  # OMP_NUM_THREADS: yours, else hpcai run's cores / ranks
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     t0 = time.time()
     env["HPCAI_CLOCK_T0"] = repr(t0)  # the clock starts here, before the run's Python even starts
@@ -244,6 +244,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "cpus": os.cpu_count(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "cores / ranks"),
         "rows": rows,
         "runs": runs,
     }
@@ -270,7 +271,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         )
         + "Clock from before launch, evaluation included. "
         f"Load average {report['load_average_before'][0]:.1f} before, {report['load_average_after'][0]:.1f} "
-        f"after, {report['cpus']} CPUs.",
+        f"after, {report['cpus']} CPUs, OMP_NUM_THREADS {report.get('omp_num_threads', '?')}.",
         "",
         "| ranks | global batch | status | time to train (s) | runs (s) | epochs | speedup | efficiency "
         "| samples/s | throughput speedup | throughput efficiency |",
