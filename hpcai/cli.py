@@ -30,7 +30,7 @@ from hpcai import slurm_cli, sweep_cli
 from hpcai.errors import UserError
 
 # Each is hpcai/bench/<name>.py with main(argv) -> int.
-BENCHES = ["allreduce", "checkpoint", "ddp", "io", "search", "train"]
+BENCHES = ["allreduce", "checkpoint", "ddp", "hardware", "io", "model", "search", "train"]
 
 
 class _Parser(argparse.ArgumentParser):
