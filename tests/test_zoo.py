@@ -115,8 +115,12 @@ def test_token_dataset_and_evaluate_counts_target_elements(tmp_path: Path) -> No
     table.weight.data = torch.eye(5)[torch.from_numpy(successor)]
 
     class Oracle(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = table
+
         def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-            return table(tokens).transpose(1, 2)  # (B, V, T)
+            return self.table(tokens).transpose(1, 2)  # (B, V, T)
 
     class One:  # the strategy of a single rank
         world_size = 1
