@@ -102,10 +102,8 @@ def pack_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     return p
 
 
-def unpack_state(
-    p: Payload, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> None:
-    """Load what :func:`pack_state` stored; a missing tensor or a wrong shape names the tensor."""
+def unpack_model(p: Payload, model: torch.nn.Module) -> None:
+    """Load the model's tensors only (inference needs no optimizer); a missing or misfit tensor is named."""
     dtypes = json.loads(p.attrs["torch_dtypes"])
     expected = model.state_dict()
     state = {}
@@ -123,6 +121,14 @@ def unpack_state(
     if extra:
         raise CheckpointError(f"checkpoint has tensors the model lacks: {', '.join(extra[:5])}")
     model.load_state_dict(state)
+
+
+def unpack_state(
+    p: Payload, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> None:
+    """Load what :func:`pack_state` stored; a missing tensor or a wrong shape names the tensor."""
+    unpack_model(p, model)
+    dtypes = json.loads(p.attrs["torch_dtypes"])
     opt_state: dict[int, dict[str, Any]] = {}
     for key, a in p.arrays.items():
         if key.startswith("optimizer/state/"):

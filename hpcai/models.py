@@ -1,4 +1,17 @@
-"""Built-in models and the loader of a user's own model factory. No MPI here.
+"""Built-in models (the model zoo) and the loader of a user's own model factory. No MPI here.
+
+The zoo, chosen by ``model.name`` (each an ``nn.Sequential`` of blocks, so a pipeline can cut it into stages):
+
+- ``mlp``: flatten, Linear+ReLU per ``model.hidden`` width, linear head.
+- ``cnn``: 3x3 conv+ReLU per ``model.channels`` (2x2 max-pool after each while the image is larger than
+  8x8), global average pool, linear head. 8x8 digits are never pooled: they train as before pooling existed.
+- ``resnet``: a ResNet-style net of basic residual blocks (two 3x3 convs and a shortcut), ``model.blocks`` per
+  stage, one stage per ``model.channels`` width, stride 2 between stages. GroupNorm, not BatchNorm: no running
+  statistics that would differ across data-parallel replicas, and results do not depend on the per-rank batch.
+- ``transformer``: a decoder-only language model (token + position embeddings, ``model.layers`` pre-norm
+  blocks of causal self-attention and MLP, width ``model.d_model``, ``model.heads`` heads, linear head).
+  Input (B, T) int64 tokens, output logits (B, V, T) -- vocabulary on dim 1, so ``nn.CrossEntropyLoss``
+  takes targets (B, T) and ``argmax(1)`` is the predicted next token at every position.
 
 A user model: ``model.factory = "path/to/file.py:make_model"`` in the job spec; ``make_model(**model.args)``
 must return a ``torch.nn.Module`` mapping a batch ``(B, *sample_shape)`` to logits ``(B, num_classes)``.
@@ -12,7 +25,9 @@ import inspect
 import math
 from pathlib import Path
 
+import torch
 from torch import nn
+from torch.nn import functional as F
 
 from hpcai.errors import SpecError
 from hpcai.spec import ModelSection
@@ -34,13 +49,135 @@ def cnn(input_shape: tuple[int, ...], num_classes: int, channels: list[int]) -> 
         raise SpecError(
             f"model.name: cnn needs (C, H, W) samples, the dataset has shape {tuple(input_shape)}"
         )
-    c_in = input_shape[0]
+    c_in, side = input_shape[0], min(input_shape[1:])
     layers: list[nn.Module] = []
     for c in channels:
         layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU()]
+        if side > 8:  # pool larger images so later convs see more of them (and cost less)
+            layers.append(nn.MaxPool2d(2))
+            side //= 2
         c_in = c
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]
     return nn.Sequential(*layers)
+
+
+# ------------------------------------------------------------------------------------------- resnet
+
+
+def _norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, c), c)  # 8 groups (fewer for thin layers): batch-independent normalisation
+
+
+class BasicBlock(nn.Module):
+    """relu(x' + norm(conv(relu(norm(conv(x)))))); x' is x, or a strided 1x1 projection if shapes differ."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.norm1 = _norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.norm2 = _norm(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), _norm(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C_out, H/s, W/s)
+        h = F.relu(self.norm1(self.conv1(x)))
+        return F.relu(self.norm2(self.conv2(h)) + self.shortcut(x))
+
+
+def resnet(input_shape: tuple[int, ...], num_classes: int, channels: list[int], blocks: int) -> nn.Module:
+    """ResNet-style: stem, ``blocks`` BasicBlocks per stage (one stage per width), pool, linear head.
+
+    Images of 64 px or more get the ImageNet stem (7x7 stride 2 + 3x3 max-pool: 224 -> 56); smaller ones the
+    CIFAR stem (one 3x3 conv), so a 32x32 image keeps its resolution into the first stage.
+    """
+    if len(input_shape) != 3:
+        raise SpecError(
+            f"model.name: resnet needs (C, H, W) samples, the dataset has shape {tuple(input_shape)}"
+        )
+    c_in, width = input_shape[0], channels[0]
+    if min(input_shape[1:]) >= 64:
+        stem = [nn.Conv2d(c_in, width, 7, 2, 3, bias=False), _norm(width), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    else:
+        stem = [nn.Conv2d(c_in, width, 3, 1, 1, bias=False), _norm(width), nn.ReLU()]
+    layers: list[nn.Module] = [nn.Sequential(*stem)]
+    for i, c in enumerate(channels):
+        for b in range(blocks):
+            layers.append(BasicBlock(width, c, stride=2 if i > 0 and b == 0 else 1))
+            width = c
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)]
+    return nn.Sequential(*layers)
+
+
+# ------------------------------------------------------------------------------------------- transformer
+
+
+class TokenEmbedding(nn.Module):
+    """(B, T) int64 tokens -> (B, T, D): token embedding plus a learned position embedding."""
+
+    def __init__(self, vocab: int, d_model: int, max_len: int):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d_model)
+        self.pos = nn.Embedding(max_len, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.shape[1], device=x.device)
+        return self.tok(x) + self.pos(pos)  # (B, T, D) + (T, D)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm decoder block: x + attn(ln(x)), then x + mlp(ln(x)); causal, so position t sees only <= t."""
+
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)  # 3 x (B, T, D)
+        q, k, v = (
+            a.view(b, t, self.heads, d // self.heads).transpose(1, 2) for a in (q, k, v)
+        )  # (B, nh, T, hs)
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class LMHead(nn.Module):
+    """(B, T, D) -> logits (B, V, T): vocabulary on dim 1, as nn.CrossEntropyLoss wants for targets (B, T)."""
+
+    def __init__(self, d_model: int, vocab: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(d_model)
+        self.out = nn.Linear(d_model, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.ln(x)).transpose(1, 2)
+
+
+def transformer(
+    input_shape: tuple[int, ...], num_classes: int, d_model: int, layers: int, heads: int
+) -> nn.Module:
+    """Decoder-only LM over ``num_classes`` tokens, context ``input_shape[0]``: embedding, blocks, head."""
+    if len(input_shape) != 1:
+        raise SpecError(
+            f"model.name: transformer needs (T,) token windows, the dataset has shape {tuple(input_shape)}"
+        )
+    if d_model % heads:
+        raise SpecError(f"model.d_model: {d_model} does not split into {heads} heads")
+    blocks = [TransformerBlock(d_model, heads) for _ in range(layers)]
+    return nn.Sequential(
+        TokenEmbedding(num_classes, d_model, input_shape[0]), *blocks, LMHead(d_model, num_classes)
+    )
+
+
+# ------------------------------------------------------------------------------------------- factories
 
 
 def load_factory(ref: str):
@@ -76,4 +213,8 @@ def build_model(cfg: ModelSection, input_shape: tuple[int, ...], num_classes: in
         return model
     if cfg.name == "mlp":
         return mlp(input_shape, num_classes, cfg.hidden)
+    if cfg.name == "resnet":
+        return resnet(input_shape, num_classes, cfg.channels, cfg.blocks)
+    if cfg.name == "transformer":
+        return transformer(input_shape, num_classes, cfg.d_model, cfg.layers, cfg.heads)
     return cnn(input_shape, num_classes, cfg.channels)

@@ -41,9 +41,18 @@ class JobSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    name: str = _doc("Built-in model: mlp or cnn. Ignored when factory is set.", default="mlp")
+    name: str = _doc(
+        "Built-in model: mlp, cnn, resnet or transformer (see Model zoo). Ignored when factory is set.",
+        default="mlp",
+    )
     hidden: list[int] = _doc("Hidden layer widths of the mlp.", default_factory=lambda: [128, 64])
-    channels: list[int] = _doc("Conv channels of the cnn.", default_factory=lambda: [16, 32])
+    channels: list[int] = _doc(
+        "Conv channels of the cnn; stage widths of the resnet.", default_factory=lambda: [16, 32]
+    )
+    blocks: int = _doc("Residual blocks per stage of the resnet.", default=2)
+    d_model: int = _doc("Width of the transformer (embedding and attention).", default=64)
+    layers: int = _doc("Blocks of the transformer.", default=2)
+    heads: int = _doc("Attention heads of the transformer (must divide d_model).", default=4)
     factory: str = _doc(
         "Your own model: 'path/to/file.py:make_model' returning a torch nn.Module; called with "
         "model.args, plus input_shape and num_classes if its signature takes them.",
@@ -56,8 +65,9 @@ class ModelSection:
 class DataSection:
     path: str = _doc("Sharded HDF5 dataset directory (holds manifest.json).", default="data/digits")
     source: str = _doc(
-        "What to build at `path` if it is missing: 'digits' (scikit-learn's bundled set), or '' to require "
-        "an existing dataset.",
+        "What to build at `path` if it is missing: 'digits' (scikit-learn's bundled set), "
+        "'synthetic-images[:k=v,...]' or 'synthetic-tokens[:k=v,...]' (see `hpcai data build`), or '' to "
+        "require an existing dataset.",
         default="digits",
     )
     shards: int = _doc("Shard files per split when the dataset is built.", default=4)
@@ -90,6 +100,11 @@ class TrainSection:
     eval_every: int = _doc(
         "Evaluate on the test split every this many epochs, logged as test_accuracy (0: only at the end).",
         default=0,
+    )
+    stop_at_accuracy: float = _doc(
+        "Stop after the first evaluation (eval_every) whose test_accuracy reaches this (0: off); "
+        "`hpcai bench train` sets it to its target.",
+        default=0.0,
     )
     device: str = _doc(
         "cpu, or cuda (each rank uses cuda:<local rank>; gradients go through host memory for MPI).",
@@ -272,7 +287,7 @@ def _sections() -> list[dataclasses.Field]:
 SECTION_TYPES: dict[str, type] = {f.name: f.default_factory().__class__ for f in _sections()}  # type: ignore[misc]
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.name": ("mlp", "cnn"),
+    "model.name": ("mlp", "cnn", "resnet", "transformer"),
     "train.strategy": ("data", "pipeline", "ps"),
     "parallel.schedule": ("gpipe", "1f1b"),
     "train.optimizer": ("sgd", "adam", "adamw"),
@@ -464,6 +479,10 @@ def validate(spec: JobSpec) -> None:
         fail("train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     if t.eval_every < 0:
         fail("train.eval_every", f"must be >= 0, got {t.eval_every}")
+    if not 0 <= t.stop_at_accuracy <= 1:
+        fail("train.stop_at_accuracy", f"must be in [0, 1], got {t.stop_at_accuracy}")
+    if t.stop_at_accuracy > 0 and t.eval_every == 0:
+        fail("train.stop_at_accuracy", "needs train.eval_every > 0 (accuracy is only known when evaluated)")
     if t.log_every < 1:
         fail("train.log_every", f"must be >= 1, got {t.log_every}")
     if d.shards < 1:
@@ -472,16 +491,30 @@ def validate(spec: JobSpec) -> None:
         fail("data.test_fraction", f"must be in (0, 1), got {d.test_fraction}")
     if d.prefetch < 0:
         fail("data.prefetch", f"must be >= 0, got {d.prefetch}")
-    if d.source not in ("", "digits"):
+    from hpcai.data.synthetic import is_generated, parse_source  # numpy only: cheap
+
+    if d.source not in ("", "digits") and not d.source.startswith("synthetic-"):
         fail(
-            "data.source", f"{d.source!r} is not one of 'digits', '' (use `hpcai data build` for other data)"
+            "data.source",
+            f"{d.source!r} is not one of 'digits', 'synthetic-images[:k=v,...]', "
+            "'synthetic-tokens[:k=v,...]', '' (use `hpcai data build` for other data)",
         )
+    if is_generated(d.source):
+        try:
+            parse_source(d.source)
+        except UserError as e:
+            fail("data.source", str(e))
     if not d.source and not (Path(d.path) / "manifest.json").is_file():
         fail("data.path", f"no dataset at {d.path} (manifest.json missing) and data.source is empty")
     if any(h < 1 for h in m.hidden):
         fail("model.hidden", f"widths must be >= 1, got {m.hidden}")
-    if any(c < 1 for c in m.channels):
-        fail("model.channels", f"channels must be >= 1, got {m.channels}")
+    if not m.channels or any(c < 1 for c in m.channels):
+        fail("model.channels", f"channels must be >= 1 (at least one), got {m.channels}")
+    for key in ("blocks", "d_model", "layers", "heads"):
+        if getattr(m, key) < 1:
+            fail(f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
+    if m.d_model % m.heads:
+        fail("model.heads", f"{m.heads} heads do not divide d_model {m.d_model}")
     if m.factory:
         file, sep, func = m.factory.rpartition(":")
         if not sep or not file or not func.isidentifier():

@@ -147,9 +147,13 @@ class FailureInjection:
 
 
 def evaluate(model: nn.Module, split: ShardedSplit, strategy: Strategy, rank: int, batch: int = 512) -> float:
-    """Accuracy over the whole split: each rank scores a contiguous part, the counts are summed."""
+    """Accuracy over the whole split: each rank scores a contiguous part, the counts are summed.
+
+    Counted per target element: a label per sample, or a next token per position for a language model
+    (logits (B, V, T), targets (B, T)).
+    """
     part = shard_range(len(split), rank, strategy.world_size)
-    correct = 0
+    correct = targets = 0
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
@@ -157,8 +161,9 @@ def evaluate(model: nn.Module, split: ShardedSplit, strategy: Strategy, rank: in
             x, y = split.read(np.arange(lo, min(part.stop, lo + batch)))
             pred = model(torch.from_numpy(x).to(device)).argmax(1).cpu()
             correct += int((pred == torch.from_numpy(y)).sum())
+            targets += y.size
     model.train()
-    counts = strategy.sum(np.array([correct, part.stop - part.start], dtype=np.int64))
+    counts = strategy.sum(np.array([correct, targets], dtype=np.int64))
     return float(counts[0]) / max(1, int(counts[1]))
 
 

@@ -119,6 +119,9 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
     from hpcai.report import Reporter, plot_loss, rank_logger, write_json
     from hpcai.train import FailureInjection, Trainer, total_steps
 
+    if on_eval is None and spec.train.stop_at_accuracy > 0:  # time to train: stop once the target is reached
+        target = spec.train.stop_at_accuracy
+        on_eval = lambda _epoch, accuracy: accuracy >= target  # noqa: E731
     run_dir = spec.run_dir
     resume_mode = os.environ.get("HPCAI_RESUME", "auto")
     inject = os.environ.get("HPCAI_INJECT_FAILURE")

@@ -26,7 +26,9 @@ TMP_ENV = "HPCAI_DATA_TMP"  # the temporary directory's name, chosen by the laun
 def add_arguments(data_sub) -> None:
     build = data_sub.add_parser("build", help="build a sharded HDF5 dataset (on N ranks)")
     build.add_argument(
-        "source", help="digits, FILE.npz, FILE.csv, a dir of .npy files, or a dir of class subdirs"
+        "source",
+        help="digits, synthetic-images[:k=v,..], synthetic-tokens[:k=v,..], FILE.npz, FILE.csv, FILE.txt, "
+        "a dir of .npy files, or a dir of class subdirs",
     )
     build.add_argument(
         "--out", required=True, help="output directory (refused if it exists, unless --overwrite)"

@@ -166,7 +166,9 @@ def write_shard(
             dcpl=dcpl,
             **filters,
         )
-        dy = f.create_dataset("y", (len(rows),), np.int64, chunks=(min(len(rows), 1 << 17),), **filters)
+        y_shape = src.y.shape[1:]  # () for labels, (T,) for next-token targets
+        y_chunk = max(1, min(len(rows), (1 << 17) // max(1, int(np.prod(y_shape)))))
+        dy = f.create_dataset("y", (len(rows), *y_shape), np.int64, chunks=(y_chunk, *y_shape), **filters)
         for lo in range(0, len(rows), block):
             x, y = src.rows(rows[lo : lo + block])
             dx[lo : lo + len(x)] = x
@@ -315,7 +317,9 @@ def build_dataset(
                 "sample_shape": list(src.sample_shape),
                 "x_dtype": str(src.x_dtype),
                 "y_dtype": "int64",
-                "num_classes": int(src.y.max()) + 1 if src.classes is None else len(src.classes),
+                "y_shape": list(src.y.shape[1:]),
+                "num_classes": src.num_classes
+                or (int(src.y.max()) + 1 if src.classes is None else len(src.classes)),
                 "classes": src.classes,
                 "split_seed": seed,
                 "test_fraction": test_fraction if src.splits is None else None,
