@@ -90,6 +90,17 @@ class DataParallel:
         self.step_s += time.perf_counter() - t0
         return loss.detach()
 
+    def zero_grad(self) -> None:
+        """For callers that run backward themselves (a pipeline stage's replicas): hold communication until
+        :meth:`reduce_gradients`, however many backward passes come in between."""
+        self.buckets.zero_grad()
+        self.buckets.sync = False
+
+    def reduce_gradients(self) -> None:
+        """Average the accumulated gradients over the replicas (every bucket, in order)."""
+        self.buckets.sync = True
+        self.buckets.wait()
+
     def sum(self, values: np.ndarray) -> np.ndarray:
         """Sum a small array of metrics over the replicas."""
         values = np.ascontiguousarray(values)
