@@ -174,7 +174,7 @@ def _measure_size(args: argparse.Namespace, nbytes: int, comm: Any) -> list[dict
             "iters": args.iters,
         }
         if impl == "ring":  # which path ring_allreduce took
-            small = count * itemsize <= ring.SMALL_MESSAGE_BYTES
+            small = count * itemsize <= ring.small_message_bytes(comm.Get_size())
             algo = args.ring_algorithm
             rec["algorithm"] = ("mpi" if small else "ring") if algo == "auto" else algo
             rec["algorithm"] = "none" if n == 1 else rec["algorithm"]  # one rank: returns at once
