@@ -119,10 +119,15 @@ def _toml_str(s: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from hpcai.launch import mpi_environment, run_ranks
+    from hpcai.launch import launcher_world_size, mpi_environment, run_ranks
 
     # A benchmark that launched us may have started the clock earlier (hpcai bench train: before our Python).
     t0 = float(os.environ.get("HPCAI_CLOCK_T0") or time.time())
+    world = launcher_world_size() if mpi_environment() else None
+    if world is not None and args.ranks is None:
+        args.ranks = world  # started by srun/mpiexec: the spec is checked against the real world size
+    elif world is not None and args.ranks != world:
+        raise UserError(f"-n {args.ranks}: this MPI world has {world} ranks (started by srun/mpiexec)")
     spec = _load(args)  # validated before any rank starts: bad input writes nothing
     if args.resume not in ("auto", "never", "force"):
         from hpcai.checkpoint import read_checkpoint
@@ -217,7 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except UserError as e:
-        sys.stderr.write(f"hpcai: error: {e}\n")
+        # Under srun/mpiexec every rank checks the same input: one of them says so.
+        rank = next(
+            (os.environ[k] for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID") if k in os.environ),
+            "0",
+        )
+        if rank == "0":
+            sys.stderr.write(f"hpcai: error: {e}\n")
         return e.exit_code
     except KeyboardInterrupt:
         return 130

@@ -23,6 +23,15 @@ def mpi_environment() -> bool:
     return "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
 
 
+def launcher_world_size() -> int | None:
+    """The rank count the launcher that started us announced (None outside an MPI launch)."""
+    for key in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
 def find_mpiexec() -> str:
     """$HPCAI_MPIEXEC, else the mpiexec installed beside this Python (the `mpich` wheel), else PATH's.
 

@@ -158,3 +158,31 @@ def test_grad_accum_matches_plain_steps_closely(tmp_path: Path, digits_dataset: 
     assert runs[4]["final_loss"] == pytest.approx(runs[1]["final_loss"], rel=1e-4)
     bad = run_cli("validate", "jobs/digits.toml", "--set", "train.grad_accum=3", timeout=60)
     assert bad.returncode == 2 and "does not split into 2 ranks x 3 micro-batches" in bad.stderr
+
+
+def test_under_mpiexec_the_spec_is_checked_against_the_real_world(
+    tmp_path: Path, digits_dataset: Path
+) -> None:
+    """Under mpiexec -n 3 without -n: the batch of 64 is checked against 3 ranks, said once, exit 2."""
+    import subprocess
+
+    base = [sys.executable, "-m", "hpcai", "run", "jobs/digits.toml", "--run-dir", str(tmp_path / "r")]
+    base += ["--set", f"data.path={json.dumps(str(digits_dataset))}", "--set", "train.steps=10"]
+    bad = subprocess.run(
+        [find_mpiexec(), "-n", "3", *base],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("hpcai: error:")]
+    expected = (
+        "hpcai: error: jobs/digits.toml: train.batch_size: global batch 64 does not divide across 3 ranks"
+    )
+    assert errors == [expected + " (try 63)"], bad.stderr
+    cmd = [find_mpiexec(), "-n", "2", *base, "-n", "4"]
+    mismatch = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert mismatch.returncode == 2 and "-n 4: this MPI world has 2 ranks" in mismatch.stderr
+    assert not (tmp_path / "r").exists()
