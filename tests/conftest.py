@@ -11,6 +11,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# What every run's summary.json must hold (the main job issue's contract).
+SUMMARY_KEYS = {
+    "world_size",
+    "steps",
+    "epochs",
+    "final_loss",
+    "test_accuracy",
+    "wall_s",
+    "samples_per_s",
+    "dataset",
+}
+
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)

@@ -16,21 +16,8 @@ import numpy as np
 import pytest
 
 from hpcai.checkpoint import read_checkpoint
-from tests.conftest import run_cli
+from tests.conftest import SUMMARY_KEYS, run_cli
 
-SUMMARY_KEYS = {
-    "world_size",
-    "steps",
-    "epochs",
-    "final_loss",
-    "test_accuracy",
-    "wall_s",
-    "samples_per_s",
-    "dataset",
-    "mode",
-    "staleness_histogram",
-    "updates_per_worker",
-}
 # Short deadlines so failure tests take seconds; the sleep makes each run outlast them (and cost no CPU).
 FAST_FAILURE = ["ps.timeout_s=1.5", "ps.heartbeat_s=0.3", "ps.simulate_compute_s=0.01"]
 

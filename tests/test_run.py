@@ -10,18 +10,8 @@ from pathlib import Path
 import pytest
 
 from hpcai.launch import find_mpiexec
-from tests.conftest import ROOT, cli_env, run_cli
+from tests.conftest import ROOT, SUMMARY_KEYS, cli_env, run_cli
 
-SUMMARY_KEYS = {
-    "world_size",
-    "steps",
-    "epochs",
-    "final_loss",
-    "test_accuracy",
-    "wall_s",
-    "samples_per_s",
-    "dataset",
-}
 METRIC_KEYS = {"step", "epoch", "loss", "lr", "samples_per_s", "wall_s"}
 
 

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hpcai.bench import report_main
 from hpcai.errors import UserError
 
 PROG = "hpcai bench hardware"
@@ -151,15 +152,7 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> int:
     """Entry point of `hpcai bench hardware`; returns the exit status (2: bad input, 1: a run failed)."""
-    try:
-        args = parse_args(argv)
-        report = run_bench(args)
-    except UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    text = format_markdown(report)
-    print(text, end="")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-        args.json.with_suffix(".md").write_text(text)
+    status, report = report_main(PROG, argv, parse_args, run_bench, format_markdown)
+    if report is None:
+        return status
     return 1 if any(r["status"] == "failed" for r in report["rows"]) else 0

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hpcai.bench import report_main
 from hpcai.bench.allreduce import format_size, parse_size
 from hpcai.errors import UserError
 
@@ -446,23 +447,7 @@ def main(argv: list[str]) -> int:
     """Entry point of `hpcai bench model`; returns the exit status."""
     if argv and argv[0] == "--_measure":
         return _rank_main(argv)
-    try:
-        args = parse_args(argv)
-        report = run(args)
-    except UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except RuntimeError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    text = format_report(report)
-    print(text, end="")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-        args.json.with_suffix(".md").write_text(text)
-    if args.plot:
-        write_plot(report, args.plot)
-    return 0
+    return report_main(PROG, argv, parse_args, run, format_report, write_plot)[0]
 
 
 if __name__ == "__main__":

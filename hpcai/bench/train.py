@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hpcai.bench import report_main
 from hpcai.errors import UserError
 
 PROG = "hpcai bench train"
@@ -326,20 +327,4 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str]) -> int:
     """Entry point of `hpcai bench train`; returns the exit status (2: bad input, 1: a run failed)."""
-    try:
-        args = parse_args(argv)
-        report = run_bench(args)
-    except UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except RuntimeError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    text = format_markdown(report)
-    print(text, end="")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-        args.json.with_suffix(".md").write_text(text)
-    if args.plot:
-        write_plot(report, args.plot)
-    return 0
+    return report_main(PROG, argv, parse_args, run_bench, format_markdown, write_plot)[0]
