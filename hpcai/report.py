@@ -107,5 +107,34 @@ def plot_loss(history: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def versions() -> dict[str, str]:
+    """Library versions for summary.json and checkpoints (the MPI library's too when MPI is running)."""
+    import platform
+
+    import h5py
+    import numpy as np
+    import torch
+
+    from hpcai import __version__
+
+    out = {
+        "hpcai": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+    }
+    if "mpi4py.MPI" in sys.modules:
+        out["mpi"] = sys.modules["mpi4py.MPI"].Get_library_version().splitlines()[0].strip()
+    return out
+
+
+def write_run_outputs(run_dir: Path, summary: dict[str, Any], title: str) -> None:
+    """Rank 0's last words: summary.json, and loss.png drawn from the whole metrics.jsonl."""
+    write_json(run_dir / "summary.json", summary)
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    plot_loss(history, run_dir / "loss.png", title)
+
+
 def elapsed(t0: float) -> float:
     return time.time() - t0

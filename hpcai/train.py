@@ -22,7 +22,7 @@ from torch import nn
 from hpcai import checkpoint as ckpt
 from hpcai.data.loader import BatchLoader, shard_range
 from hpcai.data.shards import ShardedSplit
-from hpcai.report import Reporter, elapsed
+from hpcai.report import Reporter, elapsed, versions
 from hpcai.spec import CheckpointSection, JobSpec, TrainSection
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on request; run the same command again to continue
@@ -257,7 +257,7 @@ class Trainer:
             shuffle_seed=self.cfg.seed,
             spec=_json(self.spec.to_dict()),
             spec_sha256=self.spec.spec_hash(),
-            versions=_json(_versions()),
+            versions=_json(versions()),
         )
         path = self.writer.save(payload)
         self.checkpoints.append(
@@ -396,19 +396,3 @@ def _json(obj: Any) -> str:
     import json
 
     return json.dumps(obj, sort_keys=True)
-
-
-def _versions() -> dict[str, str]:
-    import platform
-
-    import h5py
-
-    from hpcai import __version__
-
-    return {
-        "hpcai": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "h5py": h5py.__version__,
-    }

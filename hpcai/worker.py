@@ -20,7 +20,6 @@ import time
 import traceback
 from pathlib import Path
 
-from hpcai import __version__
 from hpcai.errors import UserError
 from hpcai.spec import JobSpec, load_spec
 
@@ -109,14 +108,13 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
         return train_ps(spec, topo, t0)
     import numpy as np
     import torch
-    from mpi4py import MPI
 
     from hpcai import checkpoint as ckpt
     from hpcai.data.loader import BatchLoader
     from hpcai.data.shards import ShardedDataset
     from hpcai.models import build_model
     from hpcai.parallel.data_parallel import DataParallel
-    from hpcai.report import Reporter, plot_loss, rank_logger, write_json
+    from hpcai.report import Reporter, rank_logger, versions, write_run_outputs
     from hpcai.train import FailureInjection, Trainer, total_steps
 
     if on_eval is None and spec.train.stop_at_accuracy > 0:  # time to train: stop once the target is reached
@@ -229,17 +227,9 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
                 if pipeline is not None
                 else {}
             ),
-            "versions": {
-                "hpcai": __version__,
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "numpy": np.__version__,
-                "mpi": MPI.Get_library_version().splitlines()[0].strip(),
-            },
+            "versions": versions(),
         }
-        write_json(run_dir / "summary.json", summary)
-        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-        plot_loss(history, run_dir / "loss.png", f"{spec.job.name}: {topo.describe()}")
+        write_run_outputs(run_dir, summary, f"{spec.job.name}: {topo.describe()}")
         reporter.say(
             f"done: {result.steps} steps, final loss {result.final_loss:.4f}, test accuracy "
             f"{result.test_accuracy:.4f}, {summary['wall_s']:.1f} s wall, "

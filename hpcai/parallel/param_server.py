@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,7 +281,7 @@ def train_ps(spec: JobSpec, topo, t0: float) -> dict | None:
     from hpcai.data.shards import ShardedDataset
     from hpcai.models import build_model
     from hpcai.parallel.ps_loops import Server, SlowDown, run_worker_loop
-    from hpcai.report import Reporter, plot_loss, rank_logger, write_json
+    from hpcai.report import Reporter, rank_logger, versions, write_run_outputs
     from hpcai.train import FailureInjection, evaluate, total_steps
     from hpcai.worker import _ensure_dataset, _select_checkpoint, _truncate_metrics
 
@@ -424,11 +423,9 @@ def train_ps(spec: JobSpec, topo, t0: float) -> dict | None:
         "spec_sha256": spec.spec_hash(),
         "resumed_from_step": server.resumed_from,
         "checkpoints": server.checkpoints,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "versions": versions(),
     }
-    write_json(run_dir / "summary.json", summary)
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    plot_loss(history, run_dir / "loss.png", f"{spec.job.name}: ps {spec.ps.mode}, {topo.n_workers} workers")
+    write_run_outputs(run_dir, summary, f"{spec.job.name}: ps {spec.ps.mode}, {topo.n_workers} workers")
     reporter.say(
         f"done: {server.global_step} steps ({result.updates} updates, {summary['updates_per_s']:.0f}/s), "
         f"final loss {server.last_loss:.4f}, test accuracy {accuracy:.4f}, max staleness "
