@@ -200,6 +200,18 @@ class PsSection:
         default="async",
     )
     staleness: int = _doc("Bound of ssp: steps a worker may run ahead of the slowest live worker.", default=2)
+    update_rule: str = _doc(
+        "How async and ssp apply a push (one worker's gradient, a 1/W share of the global batch): "
+        "'matched' makes W pushes move the parameters as one data-parallel step does (lr / W, momentum "
+        "and Adam's betas to the power 1/W, buffers in the same units); 'plain' applies gradient / W with "
+        "the job's optimizer as configured (momentum decays W times per global step).",
+        default="matched",
+    )
+    stale_scaling: bool = _doc(
+        "async and ssp: a push computed on parameters more than W - 1 updates old (W workers) is scaled "
+        "by (W - 1) / delay (staleness-aware asynchronous SGD), so a straggler's old gradient counts less.",
+        default=True,
+    )
     heartbeat_s: float = _doc(
         "Seconds between a server's heartbeats to workers whose reply it holds back (ssp, bsp).", default=1.0
     )
@@ -296,6 +308,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "comm.compression": ("none", "fp16", "bf16"),
     "ps.mode": ("async", "ssp", "bsp"),
     "ps.on_worker_failure": ("continue", "stop"),
+    "ps.update_rule": ("matched", "plain"),
 }
 
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from hpcai.errors import SpecError
-from hpcai.parallel.param_server import ShardPlan
-from hpcai.spec import load_spec
+from hpcai.parallel.param_server import ShardOptimizer, ShardPlan
+from hpcai.parallel.ps_loops import push_scale
+from hpcai.spec import PsSection, TrainSection, load_spec
 from tests.conftest import ROOT, run_cli
 
 
@@ -37,6 +38,7 @@ def test_shipped_ps_job_is_valid() -> None:
         ("[ps]\nstaleneess = 3\n", "ps.staleneess", "did you mean 'staleness'"),
         ("[ps]\nmode = 3\n", "ps.mode", "expected str"),
         ("[train]\nstrategy = 'pss'\n", "train.strategy", "did you mean 'ps'"),
+        ("[ps]\nupdate_rule = 'match'\n", "ps.update_rule", "did you mean 'matched'"),
     ],
 )
 def test_bad_ps_specs_name_file_and_key(tmp_path: Path, text: str, key: str, fragment: str) -> None:
@@ -100,3 +102,33 @@ def test_shard_plan_round_trips_through_pack_and_assemble() -> None:
     back = np.zeros_like(flat)
     plan.assemble(np.concatenate(shards), back)
     assert np.array_equal(back, flat)
+
+
+@pytest.mark.parametrize("optimizer, momentum", [("sgd", 0.9), ("sgd", 0.0), ("adam", 0.0), ("adamw", 0.0)])
+def test_matched_pushes_move_parameters_like_one_data_parallel_step(optimizer: str, momentum: float) -> None:
+    """ps.update_rule = "matched": W pushes of a worker's gradient g, once warmed up, move the shard as one
+    step of the job's optimizer on g does, weight decay included (a wrong lr, momentum, dampening or beta
+    scaling shows as a displacement off by a factor)."""
+    W, g = 4, np.linspace(-1.0, 1.0, 16, dtype=np.float32)
+    cfg = TrainSection(optimizer=optimizer, lr=0.01, momentum=momentum, weight_decay=0.01)
+    one = ShardOptimizer(np.ones(16, np.float32), cfg, n_steps=10_000)
+    matched = ShardOptimizer(np.ones(16, np.float32), cfg, n_steps=10_000, pushes_per_step=W)
+    for step in range(300):  # warm up momentum buffers / Adam's averages
+        one.apply(g, 1.0, step)
+        for _ in range(W):
+            matched.apply(g, 1.0, step)
+    before_one, before_matched = one.values().copy(), matched.values().copy()
+    one.apply(g, 1.0, 300)
+    for _ in range(W):
+        matched.apply(g, 1.0, 300)
+    d_one, d_matched = one.values() - before_one, matched.values() - before_matched
+    np.testing.assert_allclose(d_matched, d_one, rtol=0.03, atol=1e-7)
+    if momentum:  # buffers in data parallel's units: a checkpoint resumes in any ps.mode
+        np.testing.assert_allclose(matched.state("momentum_buffer"), one.state("momentum_buffer"), rtol=0.03)
+
+
+def test_push_scale_damps_only_pushes_older_than_a_round() -> None:
+    on, off = PsSection(), PsSection(stale_scaling=False, update_rule="plain")
+    assert [push_scale(on, 4, d) for d in (0, 3, 6, 30)] == [1.0, 1.0, 0.5, 0.1]
+    assert push_scale(on, 1, 0) == 1.0 and push_scale(on, 1, 5) == 0.2
+    assert [push_scale(off, 4, d) for d in (0, 30)] == [0.25, 0.25]

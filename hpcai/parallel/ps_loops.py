@@ -7,7 +7,8 @@ A push and the next pull are one round trip: the reply to a push carries the par
 A server's loop, per worker ``w`` (all numbers per server; every server sees every push, so they agree):
 
 - ``clock[w]``: pushes applied from ``w`` = the step ``w`` computes next.
-- async: apply each push at once (gradient / W, so SGD's step per sample matches data parallel's), reply.
+- async: apply each push at once as its own optimizer step (ps.update_rule "matched": W pushes move the
+         parameters as one data-parallel step; ps.stale_scaling damps pushes older than W - 1 updates), reply.
 - ssp:   apply at once, but hold the reply while ``clock[w] - min(clock of live workers) > staleness``.
 - bsp:   hold every reply until all live workers pushed this step; apply their mean (summed in worker order:
          reproducible bits) as one update, reply to all.
@@ -37,6 +38,15 @@ from hpcai.parallel import ps_comm
 from hpcai.parallel.ps_comm import TAG_PUSH, TAG_REPLY, Message
 
 OP_PULL, OP_PUSH, OP_DONE, OP_LEAVE = 1, 2, 3, 4
+
+
+def push_scale(cfg, workers: int, delay: int) -> float:
+    """Gradient scale of one async/ssp push computed ``delay`` updates ago (ps.update_rule, ps.stale_scaling):
+    W workers in lockstep give delays of W - 1, so only older pushes are damped, by (W - 1) / delay."""
+    scale = 1.0 if cfg.update_rule == "matched" else 1.0 / workers
+    if cfg.stale_scaling:
+        scale *= min(1.0, max(1, workers - 1) / max(1, delay))
+    return scale
 
 
 def _f2i(x: float) -> int:
@@ -223,7 +233,7 @@ class Server:
             return
         gap = self.version - s.read_version
         self.delay[gap] = self.delay.get(gap, 0) + 1
-        self.opt.apply(s.push.body, 1.0 / self.W0, self.global_step)
+        self.opt.apply(s.push.body, push_scale(self.cfg, self.W0, gap), self.global_step)
         self._advance()
 
     def _advance(self) -> None:
