@@ -102,3 +102,40 @@ def test_corrupt_or_missing_shard_at_read_time_names_the_file(pair, tmp_path: Pa
     (copy / "train-00002-of-00003.h5").unlink()
     with pytest.raises(DatasetError, match="train-00002-of-00003.h5: cannot open shard"):
         ShardedDataset(copy).splits["train"].read(np.array([len(split) - 1]))
+
+
+def test_crc32_catches_a_flipped_byte_on_every_read_path(tmp_path: Path) -> None:
+    """The default checksum: unfiltered data read like dd, each chunk checked against x_crc32 the first time
+    it is read: sequential, scattered and cache reads fail naming the shard and rows; other chunks read."""
+    x = np.random.default_rng(3).standard_normal((1500, 4, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "f.npz", x=x, y=np.arange(1500) % 5)
+    build_dataset(str(tmp_path / "f.npz"), tmp_path / "ds", shards=2, test_fraction=0.1, log=lambda *_: None)
+    clean = ShardedDataset(tmp_path / "ds").splits["train"]
+    shard = clean._open(1)
+    assert shard.offset is not None and shard.crc is not None and len(shard.crc) > 2  # raw path, checked
+    k, bad_row = shard.chunk_rows, shard.chunk_rows + 3  # a row in shard 1's second chunk
+    want_x, want_y = clean.read_range(0, len(clean))
+    clean.close()
+    path = clean.files[1]
+    with open(path, "r+b") as f:
+        f.seek(shard.offset + bad_row * shard.row_bytes + 5)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x01]))  # one bit
+    split = lambda: ShardedDataset(tmp_path / "ds").splits["train"]  # noqa: E731 (fresh: nothing checked)
+    first = int(split().offsets[1])
+    message = f"{path}: rows {k}-{2 * k - 1} fail their CRC-32"
+    with pytest.raises(DatasetError, match=message):
+        split().read_range(0, len(want_x))
+    with pytest.raises(DatasetError, match=message):
+        split().read(np.array([3, first + bad_row + 1]))  # scattered: the memory-map path
+    with pytest.raises(DatasetError, match=message):
+        split().cache(1 << 30)
+    with pytest.raises(DatasetError, match=message):
+        for _ in BatchLoader(split(), 40, 0, 1, 0, prefetch=2, readers=2, cache_bytes=0).epoch(0):
+            pass
+    ok = split()
+    rows = np.r_[0:first, first : first + k, first + 2 * k : len(want_x)]  # every chunk but the bad one
+    got_x, got_y = ok.read(rows)
+    np.testing.assert_array_equal(got_x, want_x[rows])
+    np.testing.assert_array_equal(got_y, want_y[rows])

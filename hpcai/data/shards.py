@@ -3,11 +3,15 @@
 Rows are addressed by a global index within a split; a read touches only the shard files that hold the rows.
 Two paths, chosen per shard when it is opened:
 
-- **raw**: shards built with ``--checksum none --compression none`` store ``x`` as plain bytes (chunks laid
-  out in order, which we check). We read them like ``dd`` does: ``preadv`` into the caller's array for
+- **raw**: shards built without compression and with ``--checksum crc32`` (the default) or ``none`` store
+  ``x`` as plain bytes (chunks laid out in order, which we check). We read them like ``dd`` does: ``preadv`` into the caller's array for
   runs of rows, a memory map for scattered rows. No HDF5 call per batch; the GIL is released while copying.
 - **h5py**: anything filtered (Fletcher32, gzip, lzf) goes through HDF5, which verifies and decodes every
   chunk; scattered rows are read as merged runs (a few slices), not h5py's slow per-point selection.
+
+Checksum "crc32": every chunk of x is checked against ``x_crc32`` the first time any of its rows is read in
+this process (a sequential read checks the rows it just read; a scattered read reads the chunk whole once),
+so a corrupted shard fails at read time naming the file and rows, and later epochs pay nothing.
 
 A split can also be cached in memory (:meth:`ShardedSplit.cache`): one sequential pass, then batches are numpy
 slices. The loader does that when the split fits its budget.
@@ -17,6 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -25,6 +32,7 @@ import numpy as np
 from hpcai.data.etl import sha256_file
 from hpcai.errors import DatasetError
 
+SEQ_BLOCK_BYTES = 4 << 20  # read_range with threads: block size (dd's bs=4M)
 RUN_GAP_BYTES = 256 << 10  # h5py path: read across gaps up to this size rather than issue another slice read
 
 
@@ -37,23 +45,41 @@ class _Shard:
             self.h5 = h5py.File(path, "r")
         except (OSError, FileNotFoundError) as e:
             raise DatasetError(f"{path}: cannot open shard: {e}") from None
-        for key in ("x", "y"):
-            if key not in self.h5:
-                raise DatasetError(f"{path}: dataset '{key}' missing")
-        self.x = self.h5["x"]
-        if self.x.shape[1:] != sample_shape or len(self.x) != len(self.h5["y"]) or len(self.x) != rows:
-            raise DatasetError(
-                f"{path}: x{self.x.shape} / y{self.h5['y'].shape} do not match the manifest "
-                f"({rows} rows of {sample_shape})"
-            )
-        try:
-            self.y = self.h5["y"][:]
-        except OSError as e:
+        try:  # a damaged file can fail anywhere in HDF5's metadata, with any of these
+            self._read_meta(sample_shape, rows)
+        except DatasetError:
+            self.h5.close()
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError) as e:
+            self.h5.close()
             raise DatasetError(f"{path}: read failed (corrupt shard?): {e}") from None
         self.row_bytes = int(np.prod(sample_shape)) * self.x.dtype.itemsize
         self.offset = self._raw_offset()
         self.fd = os.open(path, os.O_RDONLY) if self.offset is not None else None
         self._mm: np.ndarray | None = None
+
+    def _read_meta(self, sample_shape: tuple[int, ...], rows: int) -> None:
+        """x's shape against the manifest, y (whole), and x_crc32 / y's CRC-32 where the shard has them."""
+        for key in ("x", "y"):
+            if key not in self.h5:
+                raise DatasetError(f"{self.path}: dataset '{key}' missing")
+        self.x = self.h5["x"]
+        if self.x.shape[1:] != sample_shape or len(self.x) != len(self.h5["y"]) or len(self.x) != rows:
+            raise DatasetError(
+                f"{self.path}: x{self.x.shape} / y{self.h5['y'].shape} do not match the manifest "
+                f"({rows} rows of {sample_shape})"
+            )
+        self.y = self.h5["y"][:]
+        self.crc = self.h5["x_crc32"][:] if "x_crc32" in self.h5 else None
+        if self.crc is None:
+            return
+        self.chunk_rows = self.x.chunks[0] if self.x.chunks else max(1, rows)
+        if len(self.crc) != -(-rows // self.chunk_rows):
+            raise DatasetError(f"{self.path}: x_crc32 holds {len(self.crc)} checksums for x's chunks")
+        self.verified = np.zeros(len(self.crc), bool)  # chunks checked once per process
+        want = self.h5["y"].attrs.get("crc32")
+        if want is not None and zlib.crc32(np.ascontiguousarray(self.y)) != int(want):
+            raise DatasetError(f"{self.path}: y fails its CRC-32 (corrupt shard)")
 
     def _raw_offset(self) -> int | None:
         """Byte offset of x's rows if they lie in the file as one plain run, else None"""
@@ -76,8 +102,34 @@ class _Shard:
             raise DatasetError(f"{self.path}: truncated (x's data runs past the end of the file)")
         return int(offset)
 
-    def read_rows(self, lo: int, out: np.ndarray) -> None:
-        """Rows ``lo : lo + len(out)`` into ``out`` (contiguous)."""
+    def read_rows(self, lo: int, out: np.ndarray, check: bool = True) -> None:
+        """Rows ``lo : lo + len(out)`` into ``out`` (contiguous), checked against x_crc32 where present
+        (unless ``check`` is False: the caller calls :meth:`check_rows` on them)."""
+        self._read_rows(lo, out)
+        if check:
+            self.check_rows(lo, out)
+
+    def check_rows(self, lo: int, out: np.ndarray) -> None:
+        """Check the chunks of rows ``lo : lo + len(out)``, just read into ``out``, not checked yet."""
+        if self.crc is not None and len(out):
+            self._verify(lo // self.chunk_rows, (lo + len(out) - 1) // self.chunk_rows + 1, lo, out)
+
+    def _verify(self, c0: int, c1: int, lo: int = 0, out: np.ndarray | None = None) -> None:
+        """Check chunks ``c0 : c1`` not checked yet in this process. A chunk wholly inside the rows just read
+        (``out``, from row ``lo``) is checked there; one only partly read is read whole first."""
+        k = self.chunk_rows
+        for c in np.flatnonzero(~self.verified[c0:c1]) + c0:
+            a, b = int(c) * k, min(int(c + 1) * k, len(self.x))
+            if out is not None and a >= lo and b <= lo + len(out):
+                rows = out[a - lo : b - lo]
+            else:
+                rows = np.empty((b - a, *self.x.shape[1:]), self.x.dtype)
+                self._read_rows(a, rows)
+            if zlib.crc32(rows) != int(self.crc[c]):
+                raise DatasetError(f"{self.path}: rows {a}-{b - 1} fail their CRC-32 (corrupt shard)")
+            self.verified[c] = True
+
+    def _read_rows(self, lo: int, out: np.ndarray) -> None:
         if self.fd is not None:
             view = memoryview(out.reshape(-1).view(np.uint8))
             pos, done = self.offset + lo * self.row_bytes, 0
@@ -94,6 +146,10 @@ class _Shard:
 
     def gather(self, local: np.ndarray) -> np.ndarray:
         """Rows ``local`` (sorted, unique) as a new array."""
+        if self.crc is not None:
+            chunks = np.unique(local // self.chunk_rows)
+            for c in chunks[~self.verified[chunks]]:
+                self._verify(int(c), int(c) + 1)
         if self.fd is not None:
             if self._mm is None:
                 self._mm = np.memmap(
@@ -133,6 +189,7 @@ class ShardedSplit:
         self.x_dtype = np.dtype(x_dtype)
         self.row_bytes = int(np.prod(sample_shape)) * self.x_dtype.itemsize
         self._shards: dict[int, _Shard] = {}
+        self._lock = threading.Lock()
         self._cache: tuple[np.ndarray, np.ndarray] | None = None
         if self.rows != entry["rows"]:
             raise DatasetError(
@@ -147,26 +204,49 @@ class ShardedSplit:
         return self.rows * self.row_bytes
 
     def _open(self, i: int) -> _Shard:
-        if i not in self._shards:
-            self._shards[i] = _Shard(
-                self.files[i], self.sample_shape, int(self.offsets[i + 1] - self.offsets[i])
-            )
-        return self._shards[i]
+        with self._lock:  # reader threads may ask for the same shard at once: open it once
+            if i not in self._shards:
+                self._shards[i] = _Shard(
+                    self.files[i], self.sample_shape, int(self.offsets[i + 1] - self.offsets[i])
+                )
+            return self._shards[i]
 
-    def read_range(self, lo: int, hi: int, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Rows ``lo:hi`` as (x, y): one sequential read per shard touched, into ``out`` if given."""
+    def read_range(
+        self, lo: int, hi: int, out: np.ndarray | None = None, threads: int = 1
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``lo:hi`` as (x, y), into ``out`` if given: one sequential read per shard touched. With
+        ``threads`` > 1 this thread reads ~4 MiB blocks in order while ``threads - 1`` others checksum the
+        blocks already read, so reading from disk overlaps checking (both release the GIL) and the disk
+        still sees one sequential stream (parallel readers would defeat the kernel's read-ahead)."""
         x = out if out is not None else np.empty((hi - lo, *self.sample_shape), self.x_dtype)
-        ys = []
-        first = int(np.searchsorted(self.offsets, lo, side="right") - 1)
-        pos = lo
-        for i in range(first, len(self.files)):
-            if pos >= hi:
-                break
-            a, b = pos - int(self.offsets[i]), min(hi, int(self.offsets[i + 1])) - int(self.offsets[i])
-            shard = self._open(i)
-            shard.read_rows(a, x[pos - lo : pos - lo + b - a])
-            ys.append(shard.y[a:b])
-            pos += b - a
+        ys, pending = [], []
+        pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="hpcai-check") if threads > 1 else None
+        try:
+            first = int(np.searchsorted(self.offsets, lo, side="right") - 1)
+            pos = lo
+            for i in range(first, len(self.files)):
+                if pos >= hi:
+                    break
+                a, b = pos - int(self.offsets[i]), min(hi, int(self.offsets[i + 1])) - int(self.offsets[i])
+                shard = self._open(i)
+                view = x[pos - lo : pos - lo + b - a]
+                if pool is None or shard.crc is None:
+                    shard.read_rows(a, view)
+                else:  # blocks on the shard's chunk boundaries: each chunk checked from one block
+                    k = shard.chunk_rows
+                    step = max(k, SEQ_BLOCK_BYTES // max(1, self.row_bytes) // k * k)
+                    for s0 in range(a, b, step):
+                        s1 = min(b, (s0 // step + 1) * step)
+                        part = view[s0 - a : s1 - a]
+                        shard.read_rows(s0, part, check=False)
+                        pending.append(pool.submit(shard.check_rows, s0, part))
+                ys.append(shard.y[a:b])
+                pos += b - a
+            for f in pending:
+                f.result()  # a corrupt chunk raises here
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         return x, (np.concatenate(ys) if ys else np.empty((0,), np.int64))
 
     def read(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -189,10 +269,11 @@ class ShardedSplit:
         inverse[order] = np.arange(len(order))
         return x[inverse], y[inverse]
 
-    def cache(self, budget_bytes: int) -> bool:
-        """Hold the whole split in memory if it fits ``budget_bytes`` (one sequential read); True if cached"""
+    def cache(self, budget_bytes: int, threads: int = 3) -> bool:
+        """Hold the whole split in memory if it fits ``budget_bytes`` (one sequential pass, ``threads``
+        reading); True if cached"""
         if self._cache is None and self.nbytes <= budget_bytes:
-            self._cache = self.read_range(0, self.rows)
+            self._cache = self.read_range(0, self.rows, threads=threads)
         return self._cache is not None
 
     def close(self) -> None:
