@@ -1,4 +1,4 @@
-"""Restartable HDF5 checkpoints: plain datasets and attributes, CRC-32 per dataset, atomic commit, no pickle.
+"""Restartable HDF5 checkpoints: plain datasets and attributes, CRC-32C per dataset, atomic commit, no pickle.
 
 Layout of ``RUN_DIR/checkpoints/step-00000440.h5`` (readable with h5py or ``h5dump`` alone)::
 
@@ -9,10 +9,11 @@ Layout of ``RUN_DIR/checkpoints/step-00000440.h5`` (readable with h5py or ``h5du
     attrs: format, version, step, epoch, step_in_epoch, world_size, spec (JSON), spec_sha256,
            optimizer_param_groups, optimizer_scalars, scheduler (JSON), versions, created
 
-Every dataset carries an attribute ``crc32`` of its bytes, checked on load: a corrupted or truncated file is
-reported and skipped in favour of the previous checkpoint. CRC-32 (zlib, ~4 GB/s here) rather than SHA-256
-(~1.8 GB/s): it catches the bit flips and truncation storage produces at a fraction of the cost (it is not a
-defence against deliberate tampering). A checkpoint is written to ``.step-*.h5.tmp`` and
+Every dataset carries an attribute ``crc32c`` of its bytes (CRC-32C, :mod:`hpcai.crc`; checkpoints of
+hpcai 0.x before it carry zlib's ``crc32``, still checked), checked on load: a corrupted or truncated file
+is reported and skipped in favour of the previous checkpoint. CRC-32C (16 GB/s here, GIL released) rather
+than SHA-256 (~1.8 GB/s): it catches the bit flips and truncation storage produces at a fraction of the cost
+(it is not a defence against deliberate tampering). A checkpoint is written to ``.step-*.h5.tmp`` and
 renamed only when complete; older ones beyond ``keep`` are deleted only after a newer one is committed.
 Inspect one with::
 
@@ -36,6 +37,7 @@ import h5py
 import numpy as np
 import torch
 
+from hpcai.crc import crc32c
 from hpcai.errors import UserError
 
 FORMAT = "hpcai-checkpoint"
@@ -193,26 +195,66 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(d.glob("step-*.h5")) if d.is_dir() else []
 
 
-def _crc32(a: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data)
+def _checksum_ok(ds: h5py.Dataset, a: np.ndarray) -> bool:
+    if "crc32c" in ds.attrs:
+        return int(ds.attrs["crc32c"]) == crc32c(a)
+    if "crc32" in ds.attrs:  # written before CRC-32C
+        return int(ds.attrs["crc32"]) == zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data)
+    return False
+
+
+ALIGN = 4096  # O_DIRECT's alignment of file offsets, lengths and memory (the page size covers every disk)
+DIRECT_MIN_BYTES = 1 << 20  # arrays from this size up are written with O_DIRECT when their memory is aligned
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array whose data starts on an ALIGN boundary (O_DIRECT needs aligned memory)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def _direct_ok(a: np.ndarray) -> bool:
+    return a.nbytes >= DIRECT_MIN_BYTES and a.flags.c_contiguous and a.ctypes.data % ALIGN == 0
 
 
 def write_checkpoint(path: Path, payload: Payload) -> int:
-    """Write ``payload`` to ``path`` atomically (temporary name, fsync, rename); return the bytes written."""
+    """Write ``payload`` to ``path`` atomically (temporary name, fsync, rename); return the bytes written.
+
+    Large arrays in aligned memory (the asynchronous writer's snapshot buffers) bypass the page cache: HDF5
+    lays out the file (contiguous datasets, allocated at creation, 4 KiB-aligned) and writes the metadata,
+    then the bytes go to their offsets with ``O_DIRECT``. Copying 400 MB into the page cache costs memory
+    bandwidth and a core that training needs (measured: a buffered write of 400 MB slowed the concurrent
+    training steps by 0.15-0.29 s, O_DIRECT by 0.04-0.06 s). Where O_DIRECT is refused (tmpfs, some network
+    file systems) or the memory is not aligned, plain writes.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        direct: dict[str, int] = {}  # dataset -> file offset, for the arrays written after HDF5 closes
         # No HDF5 file locks: one writer (rank 0) to a private temporary name, so locks add nothing, and they
         # fail on some network file systems (what HDF5_USE_FILE_LOCKING=FALSE works around for other files).
-        with h5py.File(tmp, "w", locking=False) as f:
+        with h5py.File(
+            tmp, "w", locking=False, alignment_threshold=DIRECT_MIN_BYTES, alignment_interval=ALIGN
+        ) as f:
             for key, a in payload.arrays.items():
-                ds = f.create_dataset(key, data=a)
-                ds.attrs["crc32"] = np.uint32(_crc32(a))
+                if _direct_ok(a):
+                    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+                    ds = f.create_dataset(key, a.shape, a.dtype, dcpl=dcpl)
+                    direct[key] = ds.id.get_offset()
+                else:
+                    ds = f.create_dataset(key, data=a)
+                ds.attrs["crc32c"] = np.uint32(crc32c(a))
             for key, value in payload.attrs.items():
                 f.attrs[key] = value
             f.attrs["format"] = FORMAT
             f.attrs["version"] = VERSION
             f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        _write_at(tmp, [(payload.arrays[k], off) for k, off in direct.items()])
         with open(tmp, "rb+") as fh:  # the data must be on disk before the name says it is complete
             os.fsync(fh.fileno())
         size = tmp.stat().st_size
@@ -222,6 +264,39 @@ def write_checkpoint(path: Path, payload: Payload) -> int:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_at(path: Path, parts: list[tuple[np.ndarray, int]]) -> None:
+    """Each array's bytes at its file offset: the aligned bulk with O_DIRECT, the tail (and everything, if
+    O_DIRECT is refused) through the page cache."""
+    if not parts:
+        return
+    flags = os.O_WRONLY | getattr(os, "O_DIRECT", 0)
+    try:
+        dfd = os.open(path, flags) if flags != os.O_WRONLY else -1
+    except OSError:
+        dfd = -1
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for a, offset in parts:
+            view = memoryview(a.reshape(-1).view(np.uint8))
+            bulk = len(view) // ALIGN * ALIGN if dfd >= 0 and offset % ALIGN == 0 else 0
+            if bulk:
+                try:
+                    _pwrite_all(dfd, view[:bulk], offset)
+                except OSError:  # refused after all (EINVAL on some file systems): the page cache
+                    bulk = 0
+            _pwrite_all(fd, view[bulk:], offset + bulk)
+    finally:
+        os.close(fd)
+        if dfd >= 0:
+            os.close(dfd)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int, block: int = 64 << 20) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done : done + block], offset + done)
 
 
 def _fsync_dir(d: Path) -> None:
@@ -238,7 +313,7 @@ def _fsync_dir(d: Path) -> None:
 
 
 def read_checkpoint(path: Path, verify: bool = True) -> Payload:
-    """Read a checkpoint; with ``verify``, check every dataset's CRC-32. Never executes stored code."""
+    """Read a checkpoint; with ``verify``, check every dataset's checksum. Never executes stored code."""
     p = Payload()
     try:
         with h5py.File(path, "r", locking=False) as f:  # committed files never change: nothing to lock
@@ -249,9 +324,9 @@ def read_checkpoint(path: Path, verify: bool = True) -> Payload:
                 if isinstance(obj, h5py.Dataset):
                     a = obj[()]
                     a = np.asarray(a)
-                    if verify and obj.attrs.get("crc32") != _crc32(a):
+                    if verify and not _checksum_ok(obj, a):
                         raise CheckpointError(
-                            f"{path}: dataset /{name} fails its CRC-32 check (corrupt file)"
+                            f"{path}: dataset /{name} fails its CRC-32C check (corrupt file)"
                         )
                     p.arrays[name] = a
 
@@ -349,16 +424,35 @@ class CheckpointWriter:
         self.last_block_s = time.perf_counter() - t0
         return path
 
+    def reserve(self, arrays: dict[str, np.ndarray]) -> None:
+        """Asynchronous mode: allocate (and fault in) the snapshot buffers for arrays like these on a thread
+        now, so that the first checkpoint does not pay it inside the training loop (400 MB took 0.84 s of
+        page faults here). The next ``save`` waits for it like for a write in flight."""
+        if not self.async_save or self._buffers or self._thread is not None:
+            return
+
+        def allocate() -> None:
+            for key, a in arrays.items():
+                buf = aligned_empty(a.shape, a.dtype)
+                buf.reshape(-1).view(np.uint8)[:] = 0  # touch every page now
+                self._buffers[key] = buf
+
+        self._thread = threading.Thread(target=self._guarded, args=(allocate,), daemon=True)
+        self._thread.start()
+
     def _snapshot(self, key: str, a: np.ndarray) -> np.ndarray:
         buf = self._buffers.get(key)
         if buf is None or buf.shape != a.shape or buf.dtype != a.dtype:
-            buf = self._buffers[key] = np.empty_like(a)
+            buf = self._buffers[key] = aligned_empty(a.shape, a.dtype)  # aligned: written with O_DIRECT
         np.copyto(buf, a)
         return buf
 
     def _persist_guarded(self, path: Path, payload: Payload) -> None:
+        self._guarded(lambda: self._persist(path, payload))
+
+    def _guarded(self, fn) -> None:
         try:
-            self._persist(path, payload)
+            fn()
         except BaseException as e:  # surfaced by the next wait(), on the training thread
             self._error = e
 

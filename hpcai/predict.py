@@ -6,7 +6,7 @@
     mpiexec -n 4 hpcai predict runs/digits --data data/digits --out preds.h5      # already under MPI
 
 The model is rebuilt from ``RUN_DIR/job.toml`` (its [model] section) for the dataset's sample shape and class
-count, and loaded from the newest checkpoint in ``RUN_DIR/checkpoints`` that passes its CRC-32 checks. Rank r
+count, and loaded from the newest checkpoint in ``RUN_DIR/checkpoints`` that passes its checksums. Rank r
 scores the contiguous rows ``[N*r/P, N*(r+1)/P)`` of the split, all ranks at once.
 
 The output (readable with h5py or h5dump alone) holds, for all N rows of the split in row order:

@@ -317,6 +317,12 @@ class Trainer:
                 self.step += 1
                 self.step_in_epoch += 1
                 self.window.append(loss)
+                if self.step == start_step + 1 and self.writer is not None and self.strategy.is_root:
+                    # Optimizer state exists now: size the async writer's snapshot buffers, off the loop.
+                    if getattr(self.strategy, "state_for_checkpoint", None) is None:
+                        self.writer.reserve(
+                            ckpt.pack_state(self.model, self.optimizer, self.scheduler).arrays
+                        )
                 window_steps += 1
                 if self.inject and self.inject.step == self.step and self.inject.rank == self.rank:
                     self.inject.fire(self.reporter.logger)

@@ -28,9 +28,9 @@ def test_manifest_and_shards_match_the_source(digits_dataset: Path) -> None:
     np.testing.assert_array_equal(got_x, x[train_idx][rows])
     np.testing.assert_array_equal(got_y, y[train_idx][rows])
     with h5py.File(digits_dataset / m["splits"]["test"]["shards"][0]["file"]) as f:
-        # default checksum "crc32": unfiltered chunks (the reader's raw path) and one CRC-32 per chunk
+        # default checksum "crc32c": unfiltered chunks (the reader's raw path) and one CRC-32C per chunk
         assert not f["x"].fletcher32 and f["x"].chunks is not None
-        assert len(f["x_crc32"]) == -(-len(f["x"]) // f["x"].chunks[0]) and "crc32" in f["y"].attrs
+        assert len(f["x_crc32c"]) == -(-len(f["x"]) // f["x"].chunks[0]) and "crc32c" in f["y"].attrs
 
 
 def test_refuses_to_overwrite(digits_dataset: Path) -> None:

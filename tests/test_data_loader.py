@@ -104,8 +104,8 @@ def test_corrupt_or_missing_shard_at_read_time_names_the_file(pair, tmp_path: Pa
         ShardedDataset(copy).splits["train"].read(np.array([len(split) - 1]))
 
 
-def test_crc32_catches_a_flipped_byte_on_every_read_path(tmp_path: Path) -> None:
-    """The default checksum: unfiltered data read like dd, each chunk checked against x_crc32 the first time
+def test_crc32c_catches_a_flipped_byte_on_every_read_path(tmp_path: Path) -> None:
+    """The default checksum: unfiltered data read like dd, each chunk checked against x_crc32c the first time
     it is read: sequential, scattered and cache reads fail naming the shard and rows; other chunks read."""
     x = np.random.default_rng(3).standard_normal((1500, 4, 16, 16)).astype(np.float32)
     np.savez(tmp_path / "f.npz", x=x, y=np.arange(1500) % 5)
@@ -124,7 +124,7 @@ def test_crc32_catches_a_flipped_byte_on_every_read_path(tmp_path: Path) -> None
         f.write(bytes([byte[0] ^ 0x01]))  # one bit
     split = lambda: ShardedDataset(tmp_path / "ds").splits["train"]  # noqa: E731 (fresh: nothing checked)
     first = int(split().offsets[1])
-    message = f"{path}: rows {k}-{2 * k - 1} fail their CRC-32"
+    message = f"{path}: rows {k}-{2 * k - 1} fail their CRC-32C"
     with pytest.raises(DatasetError, match=message):
         split().read_range(0, len(want_x))
     with pytest.raises(DatasetError, match=message):

@@ -165,7 +165,7 @@ def test_info_reports_a_corrupt_or_missing_shard(tmp_path: Path) -> None:
         and "all shards match" in ok.stdout
     )
     with h5py.File(tmp_path / "ds" / "train-00000-of-00002.h5") as f:
-        assert f["x"].compression == "gzip" and "x_crc32" in f and not f["x"].fletcher32
+        assert f["x"].compression == "gzip" and "x_crc32c" in f and not f["x"].fletcher32
     shard = tmp_path / "ds" / "train-00001-of-00002.h5"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF

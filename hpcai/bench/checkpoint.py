@@ -1,6 +1,6 @@
 """``hpcai bench checkpoint``: blocking time of synchronous vs asynchronous checkpoints in the training loop.
 
-    hpcai bench checkpoint [--hidden 5000,5000,5000] [--steps 40] [--every 10] [-n 1] [--json FILE]
+    hpcai bench checkpoint [--hidden 5000,5000,5000] [--steps 100] [--every 10] [-n 1] [--json FILE]
 
 Three runs of the digits job with a >= 50M-parameter MLP, the same steps each: no checkpoints, a synchronous
 checkpoint every ``--every`` steps, an asynchronous one (snapshot into reused host buffers, written by a
@@ -76,7 +76,7 @@ def _run(run_dir: Path, data: Path, hidden: str, steps: int, ranks: int, extra: 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hpcai bench checkpoint", description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", default="5000,5000,5000", help="MLP widths (default: 50.4M parameters)")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--every", type=int, default=10)
     p.add_argument("-n", "--ranks", type=int, default=1)
     p.add_argument("--dir", default=None, help="where run directories go (default: a temp dir under runs/)")

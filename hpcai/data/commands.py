@@ -1,7 +1,7 @@
 """``hpcai data build`` and ``hpcai data info``: argument checks, the MPI relaunch, one-line errors.
 
     hpcai data build SOURCE --out DIR [--shards K] [-n N] [--overwrite] [--compression gzip|lzf|none]
-                     [--checksum crc32|fletcher32|none] [--label-column NAME] [--val-fraction F] [--test-fraction F]
+                     [--checksum crc32c|fletcher32|none] [--label-column NAME] [--val-fraction F] [--test-fraction F]
                      [--seed S]
     hpcai data info DIR [--json]
 
@@ -39,9 +39,9 @@ def add_arguments(data_sub) -> None:
     build.add_argument("--compression", choices=["none", "gzip", "lzf"], default="none")
     build.add_argument(
         "--checksum",
-        choices=["crc32", "fletcher32", "none"],
-        default="crc32",
-        help="per-chunk checksum verified at read time: crc32 (ours, fast, each chunk once per process), "
+        choices=["crc32c", "fletcher32", "none"],
+        default="crc32c",
+        help="per-chunk checksum verified at read time: crc32c (ours, fast, each chunk once per process), "
         "fletcher32 (HDF5's filter, every read, slower), none",
     )
     build.add_argument("--label-column", default="label", help="CSV column holding the labels")

@@ -3,13 +3,13 @@
 Rows are addressed by a global index within a split; a read touches only the shard files that hold the rows.
 Two paths, chosen per shard when it is opened:
 
-- **raw**: shards built without compression and with ``--checksum crc32`` (the default) or ``none`` store
+- **raw**: shards built without compression and with ``--checksum crc32c`` (the default) or ``none`` store
   ``x`` as plain bytes (chunks laid out in order, which we check). We read them like ``dd`` does: ``preadv`` into the caller's array for
   runs of rows, a memory map for scattered rows. No HDF5 call per batch; the GIL is released while copying.
 - **h5py**: anything filtered (Fletcher32, gzip, lzf) goes through HDF5, which verifies and decodes every
   chunk; scattered rows are read as merged runs (a few slices), not h5py's slow per-point selection.
 
-Checksum "crc32": every chunk of x is checked against ``x_crc32`` the first time any of its rows is read in
+Checksum "crc32c": every chunk of x is checked against ``x_crc32c`` the first time any of its rows is read in
 this process (a sequential read checks the rows it just read; a scattered read reads the chunk whole once),
 so a corrupted shard fails at read time naming the file and rows, and later epochs pay nothing.
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-import zlib
+from hpcai.crc import crc32c
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -59,7 +59,7 @@ class _Shard:
         self._mm: np.ndarray | None = None
 
     def _read_meta(self, sample_shape: tuple[int, ...], rows: int) -> None:
-        """x's shape against the manifest, y (whole), and x_crc32 / y's CRC-32 where the shard has them."""
+        """x's shape against the manifest, y (whole), and x_crc32c / y's CRC-32C where the shard has them."""
         for key in ("x", "y"):
             if key not in self.h5:
                 raise DatasetError(f"{self.path}: dataset '{key}' missing")
@@ -70,16 +70,16 @@ class _Shard:
                 f"({rows} rows of {sample_shape})"
             )
         self.y = self.h5["y"][:]
-        self.crc = self.h5["x_crc32"][:] if "x_crc32" in self.h5 else None
+        self.crc = self.h5["x_crc32c"][:] if "x_crc32c" in self.h5 else None
         if self.crc is None:
             return
         self.chunk_rows = self.x.chunks[0] if self.x.chunks else max(1, rows)
         if len(self.crc) != -(-rows // self.chunk_rows):
-            raise DatasetError(f"{self.path}: x_crc32 holds {len(self.crc)} checksums for x's chunks")
+            raise DatasetError(f"{self.path}: x_crc32c holds {len(self.crc)} checksums for x's chunks")
         self.verified = np.zeros(len(self.crc), bool)  # chunks checked once per process
-        want = self.h5["y"].attrs.get("crc32")
-        if want is not None and zlib.crc32(np.ascontiguousarray(self.y)) != int(want):
-            raise DatasetError(f"{self.path}: y fails its CRC-32 (corrupt shard)")
+        want = self.h5["y"].attrs.get("crc32c")
+        if want is not None and crc32c(np.ascontiguousarray(self.y)) != int(want):
+            raise DatasetError(f"{self.path}: y fails its CRC-32C (corrupt shard)")
 
     def _raw_offset(self) -> int | None:
         """Byte offset of x's rows if they lie in the file as one plain run, else None"""
@@ -103,7 +103,7 @@ class _Shard:
         return int(offset)
 
     def read_rows(self, lo: int, out: np.ndarray, check: bool = True) -> None:
-        """Rows ``lo : lo + len(out)`` into ``out`` (contiguous), checked against x_crc32 where present
+        """Rows ``lo : lo + len(out)`` into ``out`` (contiguous), checked against x_crc32c where present
         (unless ``check`` is False: the caller calls :meth:`check_rows` on them)."""
         self._read_rows(lo, out)
         if check:
@@ -125,8 +125,8 @@ class _Shard:
             else:
                 rows = np.empty((b - a, *self.x.shape[1:]), self.x.dtype)
                 self._read_rows(a, rows)
-            if zlib.crc32(rows) != int(self.crc[c]):
-                raise DatasetError(f"{self.path}: rows {a}-{b - 1} fail their CRC-32 (corrupt shard)")
+            if crc32c(rows) != int(self.crc[c]):
+                raise DatasetError(f"{self.path}: rows {a}-{b - 1} fail their CRC-32C (corrupt shard)")
             self.verified[c] = True
 
     def _read_rows(self, lo: int, out: np.ndarray) -> None:
