@@ -151,7 +151,8 @@ _TORCH_RNG_BYTES = torch.get_rng_state().numel()
 
 
 def pack_rng() -> np.ndarray:
-    """This process's torch, python and numpy RNG states as one fixed-length uint8 array."""
+    """This process's torch, python and numpy RNG states (and its GPU's, when CUDA is in use) as one uint8
+    array of a fixed length per device type."""
     version, py_state, _ = random.getstate()
     _, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
     parts = [
@@ -161,6 +162,8 @@ def pack_rng() -> np.ndarray:
         np.array([np_pos, np_has_gauss, version], dtype=np.int64).view(np.uint8),
         np.array([np_cached], dtype=np.float64).view(np.uint8),
     ]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # train.device = "cuda": this rank's GPU
+        parts.append(torch.cuda.get_rng_state().numpy())
     return np.concatenate(parts)
 
 
@@ -174,6 +177,9 @@ def unpack_rng(blob: np.ndarray) -> None:
     o += 624 * 4
     np_pos, np_has_gauss, version = blob[o : o + 24].view(np.int64)
     np_cached = blob[o + 24 : o + 32].view(np.float64)[0]
+    cuda_state = blob[o + 32 :]  # present when the run trained on a GPU; ignored on a CPU-only resume
+    if len(cuda_state) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.from_numpy(cuda_state.copy()))
     random.setstate((int(version), tuple(int(v) for v in py_state), None))
     np.random.set_state(("MT19937", np_keys.copy(), int(np_pos), int(np_has_gauss), float(np_cached)))
 
