@@ -18,6 +18,7 @@ busbw = algbw * 2(n-1)/n (the nccl-tests definitions), GB = 1e9 bytes.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -191,7 +192,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     comm = MPI.COMM_WORLD
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(comm.bcast(_free_port() if comm.Get_rank() == 0 else None, root=0))
-    dist.init_process_group("gloo", rank=comm.Get_rank(), world_size=comm.Get_size())
+    # A bounded wait: a lost peer or port ends the bench in 2 minutes (gloo's default is 30), never a hang.
+    timeout = datetime.timedelta(seconds=120)
+    dist.init_process_group("gloo", rank=comm.Get_rank(), world_size=comm.Get_size(), timeout=timeout)
     try:
         return [rec for nbytes in args.sizes for rec in _measure_size(args, nbytes, comm)]
     finally:

@@ -1,6 +1,7 @@
 """``hpcai bench checkpoint``: blocking time of synchronous vs asynchronous checkpoints in the training loop.
 
-    hpcai bench checkpoint [--hidden 5000,5000,5000] [--steps 100] [--every 10] [--rounds 2] [-n 1] [--json FILE]
+    hpcai bench checkpoint [--hidden 5000,5000,5000] [--steps 100] [--every 10] [--rounds 2] [-n 1]
+                           [--json FILE]
 
 Three runs of the digits job with a >= 50M-parameter MLP, the same steps each: no checkpoints, a synchronous
 checkpoint every ``--every`` steps, an asynchronous one (snapshot into reused host buffers, written by a

@@ -14,6 +14,7 @@ ours_samples_per_s, ddp_samples_per_s, single_samples_per_s, exposed_comm_fracti
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import socket
@@ -106,7 +107,8 @@ def run(args: argparse.Namespace) -> dict:
     # torch DDP over gloo, rendezvous through MPI
     port = world.bcast(_free_port() if rank == 0 else None, root=0)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=size)
+    # A bounded wait: a lost peer or port ends the bench in 2 minutes (gloo's default is 30), never a hang.
+    dist.init_process_group("gloo", rank=rank, world_size=size, timeout=datetime.timedelta(seconds=120))
     ddp_model = nn.parallel.DistributedDataParallel(_model(args.widths), bucket_cap_mb=args.bucket_mb)
     ddp_opt = torch.optim.SGD(ddp_model.parameters(), lr=0.01, momentum=0.9)
 
