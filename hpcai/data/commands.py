@@ -1,7 +1,8 @@
 """``hpcai data build`` and ``hpcai data info``: argument checks, the MPI relaunch, one-line errors.
 
     hpcai data build SOURCE --out DIR [--shards K] [-n N] [--overwrite] [--compression gzip|lzf|none]
-                     [--checksum crc32c|fletcher32|none] [--label-column NAME] [--val-fraction F] [--test-fraction F]
+                     [--checksum crc32c|fletcher32|none] [--label-column NAME] [--val-fraction F]
+                     [--test-fraction F]
                      [--seed S]
     hpcai data info DIR [--json]
 

@@ -4,7 +4,8 @@ Layout of a dataset directory (readable with h5py or h5dump alone)::
 
     DIR/manifest.json              counts, shapes, dtypes, splits, per-shard SHA-256, normalisation stats
     DIR/train-00000-of-00004.h5    datasets x (N, *shape) and y (N,), chunked by rows; with the default
-                                   checksum "crc32c", x_crc32c (a CRC-32C per chunk of x) and y.attrs["crc32c"]
+                                   checksum "crc32c", x_crc32c (a CRC-32C per chunk of x) and
+                                   y.attrs["crc32c"]
     DIR/val-00000-of-00001.h5      (only with --val-fraction > 0 or val_*.npy files)
     DIR/test-00000-of-00001.h5
 
@@ -28,13 +29,13 @@ import os
 import shutil
 import sys
 import time
-from hpcai.crc import crc32c
 from collections.abc import Callable
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from hpcai.crc import crc32c
 from hpcai.data.sources import Source, open_source
 from hpcai.errors import DatasetError, UserError
 

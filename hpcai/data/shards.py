@@ -4,8 +4,9 @@ Rows are addressed by a global index within a split; a read touches only the sha
 Two paths, chosen per shard when it is opened:
 
 - **raw**: shards built without compression and with ``--checksum crc32c`` (the default) or ``none`` store
-  ``x`` as plain bytes (chunks laid out in order, which we check). We read them like ``dd`` does: ``preadv`` into the caller's array for
-  runs of rows, a memory map for scattered rows. No HDF5 call per batch; the GIL is released while copying.
+  ``x`` as plain bytes (chunks laid out in order, which we check). We read them like ``dd`` does: ``preadv``
+  into the caller's array for runs of rows, a memory map for scattered rows. No HDF5 call per batch; the GIL
+  is released while copying.
 - **h5py**: anything filtered (Fletcher32, gzip, lzf) goes through HDF5, which verifies and decodes every
   chunk; scattered rows are read as merged runs (a few slices), not h5py's slow per-point selection.
 
@@ -22,13 +23,13 @@ from __future__ import annotations
 import json
 import os
 import threading
-from hpcai.crc import crc32c
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from hpcai.crc import crc32c
 from hpcai.data.etl import sha256_file
 from hpcai.errors import DatasetError
 

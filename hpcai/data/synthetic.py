@@ -1,14 +1,14 @@
-"""Generated data for the model zoo: synthetic images, synthetic token streams, and token windows of a text file.
+"""Generated data for the model zoo: synthetic images, synthetic token streams, token windows of a text file.
 
     hpcai data build synthetic-images --out data/synth-img                  # 4,096 of 3x32x32, 10 classes
     hpcai data build synthetic-images:n=512,size=16,classes=4 --out /tmp/img
-    hpcai data build synthetic-tokens --out data/synth-tok                  # 4,096 windows of 64 tokens, vocab 64
+    hpcai data build synthetic-tokens --out data/synth-tok                  # 4,096 windows of 64, vocab 64
     hpcai data build synthetic-tokens:n=1024,seq=32,vocab=32 --out /tmp/tok
     hpcai data build corpus.txt --out data/corpus                           # byte tokens (vocab 256), seq 64
     hpcai data build corpus.txt:seq=128 --out data/corpus128
 
-A source name is ``NAME[:key=value,...]``. Everything is generated from ``seed`` alone (no network, no files for
-the synthetic kinds), so every rank of a parallel build generates the same rows.
+A source name is ``NAME[:key=value,...]``. Everything is generated from ``seed`` alone (no network, no files
+for the synthetic kinds), so every rank of a parallel build generates the same rows.
 
 - ``synthetic-images``: x (N, 3, size, size) float32, y (N,) class ids. Each class has a smooth random colour
   pattern (a 4x4 grid of random colours, upsampled); a sample is its class pattern shifted by up to ``size/8``
@@ -17,8 +17,8 @@ the synthetic kinds), so every rank of a parallel build generates the same rows.
 - ``synthetic-tokens``: x (N, seq) int64 tokens, y (N, seq) = x shifted by one (next-token targets). A Markov
   chain: each token has one favoured successor taken with probability ``p``, else a uniform token; the best
   possible next-token accuracy is about ``p + (1 - p) / vocab``.
-- ``FILE.txt``: the file's bytes as tokens (vocab 256), cut into windows of ``seq + 1`` bytes with stride ``seq``;
-  x is each window's first ``seq`` bytes, y its last ``seq``.
+- ``FILE.txt``: the file's bytes as tokens (vocab 256), cut into windows of ``seq + 1`` bytes with stride
+  ``seq``; x is each window's first ``seq`` bytes, y its last ``seq``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ def parse_source(source: str) -> tuple[str, str, dict[str, int | float]]:
         try:
             values[key] = type(values[key])(text)
         except ValueError:
-            raise DatasetError(f"{source}: {key}: expected {type(values[key]).__name__}, got {text!r}") from None
+            raise DatasetError(
+                f"{source}: {key}: expected {type(values[key]).__name__}, got {text!r}"
+            ) from None
     positive = [k for k in ("n", "size", "classes", "seq", "vocab") if k in values and values[k] < 1]
     if positive:
         raise DatasetError(f"{source}: {positive[0]} must be >= 1, got {values[positive[0]]}")
@@ -95,7 +97,7 @@ def synthetic_images(n: int, size: int, classes: int, noise: float, seed: int) -
 
 
 def synthetic_tokens(n: int, seq: int, vocab: int, p: float, seed: int) -> tuple[np.ndarray, ...]:
-    """(x (n, seq) int64, y (n, seq) int64 = x shifted by one) from a Markov chain with favoured successors."""
+    """(x (n, seq) int64, y (n, seq) int64 = x shifted by one): a Markov chain with favoured successors."""
     rng = np.random.default_rng([seed, 2])
     successor = rng.permutation(vocab)
     w = np.empty((n, seq + 1), np.int64)
