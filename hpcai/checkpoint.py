@@ -240,6 +240,9 @@ def write_checkpoint(path: Path, payload: Payload) -> int:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         direct: dict[str, int] = {}  # dataset -> file offset, for the arrays written after HDF5 closes
+        early = h5py.h5p.create(h5py.h5p.DATASET_CREATE)  # space allocated at creation, never filled
+        early.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        early.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
         # No HDF5 file locks: one writer (rank 0) to a private temporary name, so locks add nothing, and they
         # fail on some network file systems (what HDF5_USE_FILE_LOCKING=FALSE works around for other files).
         with h5py.File(
@@ -247,10 +250,7 @@ def write_checkpoint(path: Path, payload: Payload) -> int:
         ) as f:
             for key, a in payload.arrays.items():
                 if _direct_ok(a):
-                    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-                    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-                    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-                    ds = f.create_dataset(key, a.shape, a.dtype, dcpl=dcpl)
+                    ds = f.create_dataset(key, a.shape, a.dtype, dcpl=early)
                     direct[key] = ds.id.get_offset()
                 else:
                     ds = f.create_dataset(key, data=a)
