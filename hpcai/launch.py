@@ -6,10 +6,14 @@ No MPI import here: the launching process must not become an MPI process itself.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
+from typing import IO
 
 from hpcai.errors import UserError
 
@@ -82,24 +86,92 @@ def launch_env(n: int) -> dict[str, str]:
     return env
 
 
+FATAL_DIR_ENV = "HPCAI_FATAL_DIR"  # where a rank leaves its last words before MPI_Abort (hpcai.comm.abort)
+
+
+class _StderrRelay:
+    """Copy mpiexec's stderr to ours as it comes, remembering the ``hpcai:`` lines that came through.
+
+    Bytes are passed on unchanged and at once (progress bars redraw in place); only complete lines are
+    remembered, and at most ``keep`` of them.
+    """
+
+    def __init__(self, stream: IO[bytes], keep: int = 10_000):
+        self.stream, self.keep = stream, keep
+        self.seen: set[str] = set()
+        self._thread = threading.Thread(target=self._pump, name="hpcai-stderr-relay", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        out = getattr(sys.stderr, "buffer", None)
+        partial = b""
+        while chunk := os.read(self.stream.fileno(), 65536):
+            try:
+                if out is not None:
+                    out.write(chunk)
+                    out.flush()
+                else:
+                    sys.stderr.write(chunk.decode(errors="replace"))
+                    sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            # Progress bars redraw after a carriage return: split there too, so ``partial`` stays short.
+            *lines, partial = re.split(rb"[\r\n]", partial + chunk)
+            partial = partial[-65536:]
+            for line in lines:
+                if line.startswith(b"hpcai") and len(self.seen) < self.keep:
+                    self.seen.add(line.decode(errors="replace"))
+        self.stream.close()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+def _say_unseen(fatal_dir: str, relay: _StderrRelay) -> None:
+    """Print the ranks' last words that mpiexec lost when the job was aborted (see hpcai.comm.abort)."""
+    for name in sorted(os.listdir(fatal_dir)):
+        if not name.startswith("rank-"):
+            continue
+        try:
+            text = Path(fatal_dir, name).read_text()
+        except OSError:
+            continue
+        # A message is forwarded whole or cut at its end: its first line (``hpcai...``) tells which.
+        if text and text.splitlines()[0] not in relay.seen:
+            sys.stderr.write(text)
+    sys.stderr.flush()
+
+
 def run_ranks(n: int, args: list[str]) -> int:
     """Run ``python ARGS`` on ``n`` ranks under mpiexec and return its exit status.
 
     SIGUSR1/SIGUSR2/SIGTERM sent to this process are passed on to mpiexec, which hands them to every rank
     (a Slurm batch script may signal either process); Ctrl-C reaches all of them through the terminal.
+    The ranks' stderr passes through this process, so that a message a rank wrote just before MPI_Abort,
+    which mpiexec may drop while killing the job, is printed all the same.
     """
     import signal
 
-    proc = subprocess.Popen(mpiexec_command(n, args), env=launch_env(n))
-    forwarded = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda s, _f: proc.send_signal(s)) for sig in forwarded}
+    fatal_dir = tempfile.mkdtemp(prefix="hpcai-fatal-")
+    env = launch_env(n)
+    env[FATAL_DIR_ENV] = fatal_dir
     try:
-        while True:
-            try:
-                rc = proc.wait()
-                return 128 - rc if rc < 0 else rc  # killed by signal N: the shell's 128+N
-            except KeyboardInterrupt:  # mpiexec got the same Ctrl-C and is shutting the ranks down
-                continue
+        proc = subprocess.Popen(mpiexec_command(n, args), env=env, stderr=subprocess.PIPE)
+        relay = _StderrRelay(proc.stderr)
+        forwarded = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, lambda s, _f: proc.send_signal(s)) for sig in forwarded}
+        try:
+            while True:
+                try:
+                    rc = proc.wait()
+                    break
+                except KeyboardInterrupt:  # mpiexec got the same Ctrl-C and is shutting the ranks down
+                    continue
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        relay.join(timeout=5)  # a rank orphaned by a killed mpiexec may hold the pipe: do not wait on it
+        _say_unseen(fatal_dir, relay)
+        return 128 - rc if rc < 0 else rc  # killed by signal N: the shell's 128+N
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        shutil.rmtree(fatal_dir, ignore_errors=True)

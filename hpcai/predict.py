@@ -281,6 +281,8 @@ def _rank_main(args: argparse.Namespace) -> int:
     """One rank under mpiexec/srun. A failure on any rank after the checks aborts every rank."""
     from mpi4py import MPI
 
+    from hpcai.comm.abort import abort_job
+
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     if comm.Get_size() != args.ranks and rank == 0:
@@ -292,10 +294,9 @@ def _rank_main(args: argparse.Namespace) -> int:
             sys.stderr.write(f"hpcai: error: {e}\n")
         return e.exit_code
     except BaseException as e:  # noqa: BLE001 - a rank failing mid-write must not leave others waiting
-        sys.stderr.write(f"{PROG}: rank {rank}: error: {type(e).__name__}: {e}\n")
-        sys.stderr.flush()
         if comm.Get_size() > 1:
-            comm.Abort(1)
+            abort_job(f"{PROG}: rank {rank}: error: {type(e).__name__}: {e}", 1, comm)
+        sys.stderr.write(f"{PROG}: rank {rank}: error: {type(e).__name__}: {e}\n")
         return 1
     if report is not None:
         _print_report(report)

@@ -37,6 +37,7 @@ from typing import Any
 
 from mpi4py import MPI
 
+from hpcai.comm.abort import abort_job
 from hpcai.errors import UserError
 from hpcai.sweep import Ledger, Scheduler, SweepSpec, groups_for, prepare_dir, read_objective
 
@@ -145,11 +146,10 @@ def run_mpi(spec: SweepSpec, world: MPI.Comm | None = None) -> int:
                 return _coordinate(spec, world, n_groups)
         _group_loop(spec, world, group, (rank - 1) // r)
     except BaseException as e:  # noqa: BLE001 - outside a trial, a failure would leave the others waiting
-        sys.stderr.write(
-            f"hpcai: rank {rank}: error: sweep: {type(e).__name__}: {e}\n{traceback.format_exc()}"
+        abort_job(
+            f"hpcai: rank {rank}: error: sweep: {type(e).__name__}: {e}\n{traceback.format_exc()}",
+            130 if isinstance(e, KeyboardInterrupt) else 1,
         )
-        sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(130 if isinstance(e, KeyboardInterrupt) else 1)
     group.Free()
     return 0
 

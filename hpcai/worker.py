@@ -246,6 +246,7 @@ def run_worker(spec: JobSpec, t0: float | None = None) -> int:
     t0 = t0 if t0 is not None else float(os.environ.get("HPCAI_T0", time.time()))
     from mpi4py import MPI
 
+    from hpcai.comm.abort import abort_job
     from hpcai.train import Preempted
 
     rank = MPI.COMM_WORLD.Get_rank()
@@ -279,10 +280,9 @@ def run_worker(spec: JobSpec, t0: float | None = None) -> int:
             hint = "" if isinstance(e, UserError) else f" (traceback in {where})"
         except OSError:
             hint = "\n" + traceback.format_exc()
+        if MPI.COMM_WORLD.Get_size() > 1:  # ends every rank of the job: nobody hangs in a collective
+            abort_job(f"hpcai: rank {rank}: error: {msg}{hint}", code)
         sys.stderr.write(f"hpcai: rank {rank}: error: {msg}{hint}\n")
-        sys.stderr.flush()
-        if MPI.COMM_WORLD.Get_size() > 1:
-            MPI.COMM_WORLD.Abort(code)  # ends every rank of the job: nobody hangs in a collective
         return code
     return 0
 

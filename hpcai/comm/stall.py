@@ -26,6 +26,8 @@ from contextlib import contextmanager
 import numpy as np
 from mpi4py import MPI
 
+from hpcai.comm.abort import abort_job
+
 
 class StallWatch:
     """Publish collective numbers and watch for stalls. Create it collectively (it allocates a window)."""
@@ -89,12 +91,10 @@ class StallWatch:
                 else "all ranks arrived"
             )
             self.stalls.append(msg)
+            if self.abort and late:
+                abort_job(f"{msg}\nhpcai: rank {self.rank}: aborting the job (stall_abort)", 3)
             sys.stderr.write(msg + "\n")
             sys.stderr.flush()
-            if self.abort and late:
-                sys.stderr.write(f"hpcai: rank {self.rank}: aborting the job (stall_abort)\n")
-                sys.stderr.flush()
-                MPI.COMM_WORLD.Abort(3)
 
     def close(self) -> None:
         """Collective: stop the watchdog and free the window."""

@@ -454,12 +454,12 @@ def train_ps(spec: JobSpec, topo, t0: float) -> dict | None:
     if result.failed:
         # A hung worker is alive and silent: MPI_Finalize and mpiexec would wait for it forever. Training is
         # done and written, so end the job here with status 0.
-        import sys
+        from hpcai.comm.abort import abort_job
 
-        sys.stderr.write(
+        abort_job(
             f"hpcai: worker rank(s) {', '.join(map(str, result.failed))} stopped answering and are still "
-            "running; training finished without them; ending the job (MPI_Abort with status 0)\n"
+            "running; training finished without them; ending the job (MPI_Abort with status 0)",
+            0,
+            topo.world,
         )
-        sys.stderr.flush()
-        topo.world.Abort(0)
     return summary
