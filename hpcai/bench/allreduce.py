@@ -18,11 +18,9 @@ busbw = algbw * 2(n-1)/n (the nccl-tests definitions), GB = 1e9 bytes.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
-import socket
 import sys
 import time
 from pathlib import Path
@@ -95,12 +93,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 # -----------------------------------------------------------------------------------------------------------
 # The measurement, on every rank.
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _time_medians(fns: dict[str, Any], reset: Any, comm: Any, iters: int, warmup: int) -> dict[str, float]:
@@ -189,12 +181,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch.distributed as dist
     from mpi4py import MPI
 
+    from hpcai.bench.gloo import init_gloo
+
     comm = MPI.COMM_WORLD
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(comm.bcast(_free_port() if comm.Get_rank() == 0 else None, root=0))
-    # A bounded wait: a lost peer or port ends the bench in 2 minutes (gloo's default is 30), never a hang.
-    timeout = datetime.timedelta(seconds=120)
-    dist.init_process_group("gloo", rank=comm.Get_rank(), world_size=comm.Get_size(), timeout=timeout)
+    init_gloo(comm)
     try:
         return [rec for nbytes in args.sizes for rec in _measure_size(args, nbytes, comm)]
     finally:

@@ -14,10 +14,8 @@ ours_samples_per_s, ddp_samples_per_s, single_samples_per_s, exposed_comm_fracti
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -75,6 +73,7 @@ def run(args: argparse.Namespace) -> dict:
     from mpi4py import MPI
     from torch import nn
 
+    from hpcai.bench.gloo import init_gloo
     from hpcai.parallel.data_parallel import DataParallel
     from hpcai.spec import CommSection
     from hpcai.topology import Topology
@@ -105,10 +104,7 @@ def run(args: argparse.Namespace) -> dict:
         return step
 
     # torch DDP over gloo, rendezvous through MPI
-    port = world.bcast(_free_port() if rank == 0 else None, root=0)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # A bounded wait: a lost peer or port ends the bench in 2 minutes (gloo's default is 30), never a hang.
-    dist.init_process_group("gloo", rank=rank, world_size=size, timeout=datetime.timedelta(seconds=120))
+    init_gloo(world)
     ddp_model = nn.parallel.DistributedDataParallel(_model(args.widths), bucket_cap_mb=args.bucket_mb)
     ddp_opt = torch.optim.SGD(ddp_model.parameters(), lr=0.01, momentum=0.9)
 
@@ -163,12 +159,6 @@ def run(args: argparse.Namespace) -> dict:
         "scaling_efficiency_ours": sps["ours"] / (size * sps["single"]),
         "scaling_efficiency_ddp": sps["ddp"] / (size * sps["single"]),
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str]) -> int:
