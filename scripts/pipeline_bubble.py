@@ -3,9 +3,11 @@
     python scripts/pipeline_bubble.py [--hidden 1024x9] [--batch 256] [--steps 12] [--json FILE]
 
 Each run is ``hpcai run jobs/digits_pipeline.toml`` on S ranks with a wide MLP whose 8 middle layers are the
-same size, cut by parameter count (balanced stages: 4 + 4 or 2 + 2 + 2 + 2 middle layers). The bubble is each
-rank's schedule time not spent in forward or backward, averaged over ranks (summary.json bubble_fraction); it
-includes the Python and MPI cost of every send and receive, which the formula counts as free.
+same size, cut by parameter count (balanced stages: 4 + 4 or 2 + 2 + 2 + 2 middle layers). The bubble is the
+part of the pipeline's step time (the first stage's schedule time) a rank spends outside forward and backward,
+averaged over ranks (summary.json bubble_fraction); it includes the Python and MPI cost of every send and
+receive, which the formula counts as free, and the idle time of lighter stages (stage_imbalance: the slowest
+stage's compute over the mean, minus 1), which the formula assumes away.
 With more ranks than cores the ranks also share cores, and a rank waiting in MPI_Wait busy-polls one of them.
 """
 
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                     "micro_batches": m,
                     "bubble_fraction": p["bubble_fraction"],
                     "bubble_theory": p["bubble_theory"],
+                    "stage_imbalance": p["stage_imbalance"],
                     "step_ms": summary["train_s"] / summary["steps"] * 1e3,
                     "recv_wait_s_per_rank": [round(r["recv_wait_s"], 3) for r in per_rank],
                     "compute_s_per_rank": [round(r["compute_s"], 3) for r in per_rank],
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(
                     f"S={s} m={m:2d}: bubble {row['bubble_fraction']:.3f} theory {row['bubble_theory']:.3f} "
-                    f"step {row['step_ms']:.0f} ms  compute/rank {row['compute_s_per_rank']}",
+                    f"imbalance {row['stage_imbalance']:.3f} step {row['step_ms']:.0f} ms  "
+                    f"compute/rank {row['compute_s_per_rank']}",
                     flush=True,
                 )
     if args.json:

@@ -45,6 +45,11 @@ def test_pipeline_matches_one_process(
     assert summary["world_size"] == stages and p["stages"] == stages and p["schedule"] == schedule
     assert summary["bubble_theory"] == pytest.approx((stages - 1) / (4 + stages - 1))
     assert 0 <= summary["bubble_fraction"] <= 1
+    # Every rank's bubble is counted against its pipeline's step time: the first stage's schedule time.
+    window = next(r["schedule_s"] for r in p["per_rank"] if r["stage"] == 0)
+    for r in p["per_rank"]:
+        assert r["bubble_fraction"] == pytest.approx(1 - r["compute_s"] / window)
+    assert p["stage_imbalance"] >= 0
     # Activations in flight: GPipe holds all 4 micro-batches on every stage, 1F1B S - s on stage s.
     expect = [4] * stages if schedule == "gpipe" else [min(4, stages - s) for s in range(stages)]
     assert p["max_in_flight_per_stage"] == expect
@@ -67,3 +72,20 @@ def test_recompute_and_offload_give_the_same_losses(tmp_path: Path, digits_datas
     assert p["recompute"] and p["offload"]
     # Recompute keeps only the stage inputs: less held for backward than the plain run.
     assert p["peak_activation_bytes_per_stage"][1] < q["peak_activation_bytes_per_stage"][1]
+
+
+def test_bubble_counts_a_later_stage_against_the_pipeline_step() -> None:
+    """S=2, m=4, f=1, b=2 (1F1B): the step lasts 15 on stage 0, which idles 3; stage 1 computes 12 of them,
+    though its own schedule span (13, from its first wait to its last send) holds only 1 of idle."""
+    from hpcai.parallel.pipeline_trace import bubble_theory, pipeline_bubble
+
+    rows = [
+        {"stage": 0, "replica": 0, "compute_s": 12.0, "schedule_s": 15.0, "bubble_fraction": 0.2},
+        {"stage": 1, "replica": 0, "compute_s": 12.0, "schedule_s": 13.0, "bubble_fraction": 1 / 13},
+        {"stage": 0, "replica": 1, "compute_s": 12.0, "schedule_s": 16.0, "bubble_fraction": 0.25},
+        {"stage": 1, "replica": 1, "compute_s": 12.0, "schedule_s": 13.0, "bubble_fraction": 1 / 13},
+    ]
+    pipeline_bubble(rows)
+    assert [r["bubble_fraction"] for r in rows] == pytest.approx([0.2, 0.2, 0.25, 0.25])
+    assert rows[1]["bubble_own_window"] == pytest.approx(1 / 13)
+    assert bubble_theory(2, 4) == pytest.approx(0.2)

@@ -32,7 +32,15 @@ from hpcai.parallel.data_parallel import DataParallel
 from hpcai.parallel.partition import as_sequential, param_offsets, stage_bounds, stage_module
 from hpcai.parallel.pipeline_comm import PipelineComm
 from hpcai.parallel.pipeline_stage import Stage
-from hpcai.parallel.pipeline_trace import ALLREDUCE, STEP, Timeline, bubble_theory, plot_timeline, write_trace
+from hpcai.parallel.pipeline_trace import (
+    ALLREDUCE,
+    STEP,
+    Timeline,
+    bubble_theory,
+    pipeline_bubble,
+    plot_timeline,
+    write_trace,
+)
 from hpcai.parallel.schedules import SCHEDULES
 from hpcai.spec import ParallelSection
 from hpcai.topology import Topology
@@ -278,9 +286,12 @@ class PipelineParallel:
         per_rank = [
             {k: (int(v) if k in _INT_KEYS else float(v)) for k, v in zip(keys, r, strict=True)} for r in rows
         ]
+        pipeline_bubble(per_rank)
 
         def by_stage(key: str) -> list:
             return [max(r[key] for r in per_rank if r["stage"] == st_) for st_ in range(self.stages)]
+
+        stage_compute = by_stage("compute_s")
 
         return {
             "stages": self.stages,
@@ -292,6 +303,8 @@ class PipelineParallel:
             "bounds": self.bounds,
             "bubble_fraction": float(np.mean([r["bubble_fraction"] for r in per_rank])),
             "bubble_theory": bubble_theory(self.stages, self.micro_batches),
+            # Unequal stages idle the lighter ones beyond the formula: slowest stage compute / mean - 1.
+            "stage_imbalance": float(max(stage_compute) / np.mean(stage_compute) - 1.0),
             "max_in_flight_per_stage": by_stage("max_in_flight"),
             "peak_activation_bytes_per_stage": by_stage("peak_activation_bytes"),
             "peak_rss_bytes_per_stage": by_stage("peak_rss_bytes"),
