@@ -176,3 +176,25 @@ def test_parse_size_units() -> None:
         3 << 20,
     ]
     assert bench.format_size(64 << 20) == "64MiB" and bench.format_size(1000) == "1000B"
+
+
+def test_automatic_choice_by_size_and_ranks() -> None:
+    from hpcai.comm.ring import choose_algorithm
+
+    kib, mib = 1 << 10, 1 << 20
+    assert [choose_algorithm(n, 2) for n in (4 * kib, 512 * kib, 1 * mib, 64 * mib)] == [
+        "mpi",
+        "mpi",
+        "ring",
+        "ring",
+    ]
+    assert [choose_algorithm(n, 3) for n in (64 * kib, 1 * mib)] == ["mpi", "ring"]
+    # From 4 ranks: mid-size messages by recursive halving on power-of-two counts, MPI_Allreduce on others
+    assert [choose_algorithm(n, 4) for n in (64 * kib, 1 * mib, 4 * mib, 4 * mib + 4)] == [
+        "mpi",
+        "halving",
+        "halving",
+        "ring",
+    ]
+    assert [choose_algorithm(n, 16) for n in (2 * mib, 16 * mib)] == ["halving", "ring"]
+    assert [choose_algorithm(n, 6) for n in (2 * mib, 16 * mib)] == ["mpi", "ring"]

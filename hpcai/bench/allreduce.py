@@ -6,8 +6,9 @@
 
 With -n N outside an MPI world it relaunches itself under `mpiexec -n N` (found by hpcai.launch: the mpiexec
 beside this Python first, else PATH's) with OMP_NUM_THREADS=1. Each size is all-reduced in place (op sum) by:
-  ring  `ring_allreduce` as users get it: algorithm "auto", i.e. MPI_Allreduce at or below
-        SMALL_MESSAGE_BYTES (marked "mpi path" in the table), unless --ring-algorithm says otherwise;
+  ring  `ring_allreduce` as users get it: algorithm "auto" (ring.choose_algorithm: MPI_Allreduce for small
+        messages, marked "mpi path" in the table; recursive halving for 1-4 MiB on 4, 8, 16... ranks,
+        marked "halving"; the ring above), unless --ring-algorithm says otherwise;
   mpi   `comm.Allreduce(MPI.IN_PLACE, ...)` of the same MPI library;
   gloo  `torch.distributed.all_reduce` on a gloo process group over loopback.
 The three take turns inside every iteration; each iteration starts from the same data behind a barrier,
@@ -71,7 +72,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default float32)")
     ap.add_argument("--iters", type=int, default=20, help="timed iterations per size and implementation")
     ap.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
-    ap.add_argument("--ring-algorithm", default="auto", choices=("auto", "ring", "mpi"), help="ring's choice")
+    ap.add_argument(
+        "--ring-algorithm", default="auto", choices=("auto", "ring", "halving", "mpi"), help="ring's choice"
+    )
     ap.add_argument(
         "--segment", default=None, help="ring pipeline segment size, e.g. 1MiB (default: module's)"
     )
@@ -167,9 +170,9 @@ def _measure_size(args: argparse.Namespace, nbytes: int, comm: Any) -> list[dict
             "iters": args.iters,
         }
         if impl == "ring":  # which path ring_allreduce took
-            small = count * itemsize <= ring.small_message_bytes(comm.Get_size())
             algo = args.ring_algorithm
-            rec["algorithm"] = ("mpi" if small else "ring") if algo == "auto" else algo
+            auto = ring.choose_algorithm(count * itemsize, comm.Get_size())
+            rec["algorithm"] = auto if algo == "auto" else algo
             rec["algorithm"] = "none" if n == 1 else rec["algorithm"]  # one rank: returns at once
             rec["segment_bytes"] = args.segment or ring.SEGMENT_BYTES
         records.append(rec)
@@ -205,7 +208,8 @@ def _table_row(nbytes: int, row: dict[str, dict[str, Any]]) -> str:
         return f"{row[other]['seconds'] / ring['seconds']:.2f}" if ring and other in row else "-"
 
     ring_us = f"{ring['seconds'] * 1e6:.1f}" if ring else "-"
-    mark = "  (mpi path)" if ring and ring.get("algorithm") == "mpi" else ""
+    algo = ring.get("algorithm") if ring else None
+    mark = f"  ({algo} path)" if algo in ("mpi", "halving") else ""
     cells = (
         format_size(nbytes),
         busbw("ring"),

@@ -22,11 +22,12 @@ later, so the whole all-reduce is one stream of 2(p-1) chunks in and 2(p-1) chun
 keeps messages between two ranks on one tag in order). Segments of reduce-scatter land in a few receive
 buffers reused across calls; segments of the all-gather land in place.
 
-Small messages (<= 512 KiB below 4 ranks, <= 4 MiB from 4 up: small_message_bytes) go to MPI_Allreduce:
-2(p-1) Python-level steps cost more than they save there. MPICH's algorithms for it (recursive doubling,
-reduce-scatter + all-gather) combine the same operands in the same tree on every rank, so its results are
-bit-identical across ranks too (true of MPICH in practice, not promised by the MPI standard;
-tests/mpi_scripts/ring_check.py checks it).
+Small messages (<= 512 KiB) go to MPI_Allreduce: 2(p-1) Python-level steps cost more than they save there.
+From 4 ranks up the same holds up to 4 MiB: on a power-of-two number of ranks those go to our recursive
+halving/doubling (halving.py, 2 log2(p) steps), on other counts to MPI_Allreduce (choose_algorithm).
+MPICH's algorithms for it (recursive doubling, reduce-scatter + all-gather) combine the same operands in the
+same tree on every rank, so its results are bit-identical across ranks too (true of MPICH in practice, not
+promised by the MPI standard; tests/mpi_scripts/ring_check.py checks it).
 
 Caveats: every rank must pass the same length, dtype and op (as with any MPI collective; not checked, since
 checking would cost a collective). max/min on NaN follow numpy (NaN wins), not MPI. float16/bfloat16 sums
@@ -45,24 +46,30 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcai.comm._dtypes import ElementKind, as_flat_array, element_kind
+from hpcai.comm.halving import halving_steps, is_power_of_two
 
 # At or below this size: MPI_Allreduce. Measured on the 2-core dev box (float32, 2-3 ranks, MPICH 5.0.2): the
 # ring took 1.3-2.2x MPI's time at 64-256 KiB, ~1.15x at 512 KiB, and was level or faster from 1 MiB up.
 SMALL_MESSAGE_BYTES = 512 * 1024
 # From 4 ranks up the ring's 2(p-1) Python-level steps cost more: measured on the 2-core box (quiet, 4 ranks,
 # float32) the ring reached 0.64x MPI's busbw at 1 MiB and 0.88x at 4 MiB, 1.17x at 16 MiB; the reference
-# host showed the same crossover (0.75-1.06x at 1-4 MiB, 4 ranks). So MPI_Allreduce up to 4 MiB there.
-SMALL_MESSAGE_BYTES_4PLUS = 4 * 1024 * 1024
+# host showed the same crossover (0.75-1.06x at 1-4 MiB, 4 ranks). Up to this size there, our recursive
+# halving/doubling (halving.py: 2 log2(p) steps) on a power-of-two number of ranks, else MPI_Allreduce.
+MID_MESSAGE_BYTES_4PLUS = 4 * 1024 * 1024
 
 
-def small_message_bytes(ranks: int) -> int:
-    """The largest message MPI_Allreduce takes in "auto" mode at this many ranks; above it, our ring."""
-    return SMALL_MESSAGE_BYTES if ranks < 4 else SMALL_MESSAGE_BYTES_4PLUS
+def choose_algorithm(nbytes: int, ranks: int) -> str:
+    """What "auto" runs for a message of ``nbytes`` on ``ranks`` ranks: "mpi", "halving" or "ring"."""
+    if nbytes <= SMALL_MESSAGE_BYTES:
+        return "mpi"
+    if ranks < 4 or nbytes > MID_MESSAGE_BYTES_4PLUS:
+        return "ring"
+    return "halving" if is_power_of_two(ranks) else "mpi"
 
 
 SEGMENT_BYTES = 1 << 20  # pipeline segment; 512 KiB-2 MiB measured alike, 128-256 KiB slower at 16-64 MiB
 _NUM_RECV_BUFFERS = 2  # receive buffers per in-flight all-reduce: one being reduced, one being filled
-_ALGORITHMS = ("auto", "ring", "mpi")
+_ALGORITHMS = ("auto", "ring", "halving", "mpi")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,6 +209,16 @@ def _ring_steps(
         state.give_back(arr.dtype, seg_elems, scratch)
 
 
+def _halving(arr: np.ndarray, kind: ElementKind, comm: MPI.Comm, state: _CommState) -> Iterator[None]:
+    """Recursive halving/doubling on the ring's private communicator, tag sequence and buffer pool."""
+    tag = state.sequence % state.tag_limit
+    state.sequence += 1
+    half = (arr.size + 1) // 2
+    (scratch,) = state.take_buffers(arr.dtype, half, 1)
+    yield from halving_steps(arr, kind, state.ring_comm, tag, scratch)
+    state.give_back(arr.dtype, half, [scratch])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Public API
 
@@ -284,7 +301,9 @@ def _prepare(
     if comm.Get_size() == 1 or arr.size == 0:
         return arr, name, kind, "none"
     if algorithm == "auto":
-        algorithm = "ring" if arr.nbytes > small_message_bytes(comm.Get_size()) else "mpi"
+        algorithm = choose_algorithm(arr.nbytes, comm.Get_size())
+    elif algorithm == "halving" and not is_power_of_two(comm.Get_size()):
+        raise ValueError(f"algorithm 'halving' needs a power-of-two number of ranks, got {comm.Get_size()}")
     return arr, name, kind, algorithm
 
 
@@ -308,6 +327,8 @@ def ring_allreduce_start(
         steps = _ring_steps(arr, kind, comm, _comm_state(comm), seg_elems)
         next(steps)  # send our own chunk, post the first receive
         return AllreduceHandle(buf, steps=steps)
+    if path == "halving":
+        return AllreduceHandle(buf, steps=_halving(arr, kind, comm, _comm_state(comm)))
     if kind.native:
         return AllreduceHandle(buf, request=comm.Iallreduce(MPI.IN_PLACE, [arr, kind.mpi_type], kind.mpi_op))
     # MPI cannot add 16-bit floats: reduce a float32 copy, then round once; every rank rounds the same result.
@@ -330,8 +351,9 @@ def ring_allreduce(
     or
         int64; any shape and length, the same on every rank.
     op: "sum", "max" or "min".
-    algorithm: "auto" (ring above small_message_bytes(p), MPI_Allreduce at or below), "ring" or "mpi" to force
-    one.
+    algorithm: "auto" (choose_algorithm: MPI_Allreduce for small messages, recursive halving/doubling for
+        mid-size ones on 4, 8, 16... ranks, the ring above), or "ring", "halving" (power-of-two ranks only)
+        or "mpi" to force one.
     segment_bytes: pipeline segment size of the ring.
     All ranks end with bit-identical results. Raises TypeError for an unsupported type or dtype, ValueError
     for non-contiguous or read-only input or an unknown op/algorithm.

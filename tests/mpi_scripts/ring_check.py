@@ -5,8 +5,9 @@ differ.
 
 (`-m mpi4py` turns an uncaught exception on one rank into MPI_Abort instead of a hang.) Covers lengths 0, 1,
 fewer than ranks, odd, and over 1 MiB; every dtype; ops sum/max/min; numpy and torch inputs; COMM_WORLD,
-COMM_SELF and a Dup(); forced ring with tiny segments (many pipeline steps on small buffers) and the automatic
-choice; two all-reduces in flight at once. Results must match MPI_Allreduce (exactly for integers and max/min,
+COMM_SELF and a Dup(); forced ring with tiny segments (many pipeline steps on small buffers), forced recursive
+halving on power-of-two rank counts (refused on others) and the automatic choice; several all-reduces in
+flight at once. Results must match MPI_Allreduce (exactly for integers and max/min,
 within a rounding bound for float sums) and be bit-identical across the ranks of the communicator.
 """
 
@@ -130,9 +131,12 @@ def check_in_flight(comm: MPI.Comm) -> None:
     hb = ring_allreduce_start(b, comm, "max", algorithm="ring", segment_bytes=1000)
     hc = ring_allreduce_start(c, comm)
     hd = ring_allreduce_start(d, comm)
-    for h in (ha, hb, hc, hd):
+    e = np.full(70_001, 2, np.int64)
+    he = ring_allreduce_start(e, comm, algorithm="halving" if p & (p - 1) == 0 else "ring")
+    for h in (ha, hb, hc, hd, he):
         h.wait()
     ok = np.all(a == p) and np.array_equal(b, np.arange(5000)) and np.all(c == p * (p - 1) // 2)
+    ok = ok and np.all(e == 2 * p)
     if not (ok and np.allclose(d, ref, rtol=1e-5, atol=1e-5)):
         failures.append(f"concurrent all-reduces on {p} ranks gave wrong results")
     everyone = comm.gather(d.tobytes(), root=0)
@@ -145,6 +149,7 @@ def main() -> int:
     dup = WORLD.Dup()
     for label, comm in (("world", WORLD), ("self", MPI.COMM_SELF), ("dup", dup)):
         q = comm.Get_size()
+        halving = q & (q - 1) == 0  # recursive halving/doubling: power-of-two rank counts only
         small = sorted({0, 1, max(q - 1, 1), 7, 1001})
         for dtype in DTYPES:
             for kind in ("numpy", "torch") if dtype != "bfloat16" else ("torch",):
@@ -152,12 +157,24 @@ def main() -> int:
                     for n in small:
                         check(comm, n, dtype, op, kind, label)  # auto: MPI_Allreduce path at these sizes
                         check(comm, n, dtype, op, kind, label, algorithm="ring", segment_bytes=24)
+                        if halving:  # uneven halves, empty ones when n < ranks
+                            check(comm, n, dtype, op, kind, label, algorithm="halving")
                 # over 1 MiB: the ring path, with several segments per chunk
                 check(comm, 300_008, dtype, "sum", kind, label, segment_bytes=64 << 10)
                 check(comm, 300_008, dtype, "max", kind, label)
+                if halving:
+                    check(comm, 300_008, dtype, "sum", kind, label, algorithm="halving")
         check_in_flight(comm)
+        if not halving:
+            try:
+                ring_allreduce(np.zeros(8, np.float32), comm, algorithm="halving")
+                failures.append(f"algorithm='halving' on {q} ranks did not raise")
+            except ValueError:
+                pass
     # default segments, several per chunk: (ranks + 1) MiB of float32
     check(WORLD, (p + 1) * (1 << 18) + 3, "float32", "sum", "numpy", "world-big")
+    # 2 MiB + 12 bytes, automatic choice: recursive halving on 4 ranks, MPI_Allreduce on 5, the ring below 4
+    check(WORLD, (1 << 19) + 3, "float32", "sum", "numpy", "world-mid")
     check(WORLD, 40_000, "float64", "sum", "numpy", "world-fortran", fortran=True)
     dup.Free()  # frees the ring's private communicator too (attribute delete callback)
 
