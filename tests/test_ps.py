@@ -18,6 +18,8 @@ import pytest
 from hpcai.checkpoint import read_checkpoint
 from tests.conftest import SUMMARY_KEYS, run_cli
 
+PS_SUMMARY_KEYS = SUMMARY_KEYS | {"mode", "staleness_histogram", "updates_per_worker"}
+
 # Short deadlines so failure tests take seconds; the sleep makes each run outlast them (and cost no CPU).
 FAST_FAILURE = ["ps.timeout_s=1.5", "ps.heartbeat_s=0.3", "ps.simulate_compute_s=0.01"]
 
@@ -31,7 +33,7 @@ def run_ps(run_dir: Path, data: Path, sets: list[str], *extra: str, timeout: flo
 
 def summary(run_dir: Path) -> dict:
     s = json.loads((run_dir / "summary.json").read_text())
-    assert SUMMARY_KEYS <= s.keys()
+    assert PS_SUMMARY_KEYS <= s.keys()
     return s
 
 
