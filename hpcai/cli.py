@@ -222,12 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except UserError as e:
+        from hpcai.launch import launcher_rank
+
         # Under srun/mpiexec every rank checks the same input: one of them says so.
-        rank = next(
-            (os.environ[k] for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID") if k in os.environ),
-            "0",
-        )
-        if rank == "0":
+        if launcher_rank() in (None, "0"):
             sys.stderr.write(f"hpcai: error: {e}\n")
         return e.exit_code
     except KeyboardInterrupt:

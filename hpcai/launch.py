@@ -36,6 +36,14 @@ def launcher_world_size() -> int | None:
     return None
 
 
+def launcher_rank() -> str | None:
+    """This process's rank as the launcher announced it (None outside an MPI launch or batch script)."""
+    for key in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return os.environ[key]
+    return None
+
+
 def find_mpiexec() -> str:
     """$HPCAI_MPIEXEC, else the mpiexec installed beside this Python (the `mpich` wheel), else PATH's.
 

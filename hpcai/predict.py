@@ -294,9 +294,10 @@ def _rank_main(args: argparse.Namespace) -> int:
             sys.stderr.write(f"hpcai: error: {e}\n")
         return e.exit_code
     except BaseException as e:  # noqa: BLE001 - a rank failing mid-write must not leave others waiting
+        line = f"{PROG}: rank {rank}: error: {type(e).__name__}: {e}"
         if comm.Get_size() > 1:
-            abort_job(f"{PROG}: rank {rank}: error: {type(e).__name__}: {e}", 1, comm)
-        sys.stderr.write(f"{PROG}: rank {rank}: error: {type(e).__name__}: {e}\n")
+            abort_job(line, 1, comm)
+        sys.stderr.write(line + "\n")
         return 1
     if report is not None:
         _print_report(report)

@@ -280,9 +280,10 @@ def run_worker(spec: JobSpec, t0: float | None = None) -> int:
             hint = "" if isinstance(e, UserError) else f" (traceback in {where})"
         except OSError:
             hint = "\n" + traceback.format_exc()
+        line = f"hpcai: rank {rank}: error: {msg}{hint}"
         if MPI.COMM_WORLD.Get_size() > 1:  # ends every rank of the job: nobody hangs in a collective
-            abort_job(f"hpcai: rank {rank}: error: {msg}{hint}", code)
-        sys.stderr.write(f"hpcai: rank {rank}: error: {msg}{hint}\n")
+            abort_job(line, code)
+        sys.stderr.write(line + "\n")
         return code
     return 0
 
