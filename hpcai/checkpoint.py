@@ -29,6 +29,7 @@ import random
 import threading
 import time
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -411,24 +412,58 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._buffers: dict[str, np.ndarray] = {}
+        self._snapped: threading.Event | None = None  # set when the deferred arrays are copied
         self.last_block_s = 0.0
         self.last_write_s = 0.0
         self.bytes_written = 0
 
-    def save(self, payload: Payload) -> Path:
+    def save(self, payload: Payload, deferred: Collection[str] = ()) -> Path:
+        """Commit ``payload`` (asynchronously: start committing it); ``deferred`` names arrays that stay
+        unchanged until the caller's ``fence()`` (asynchronous mode only; the synchronous one ignores it)."""
         t0 = time.perf_counter()
         self.wait()
         path = checkpoint_path(self.run_dir, payload.step)
         if not self.async_save:
             self._persist(path, payload)
         else:
-            snap = Payload(
-                arrays={k: self._snapshot(k, a) for k, a in payload.arrays.items()}, attrs=payload.attrs
+            now = {k: self._snapshot(k, a) for k, a in payload.arrays.items() if k not in deferred}
+            later = {k: a for k, a in payload.arrays.items() if k in deferred}
+            snapped = self._snapped = threading.Event()
+            self._thread = threading.Thread(
+                target=self._guarded,
+                args=(lambda: self._snapshot_and_persist(path, payload, now, later, snapped),),
+                daemon=False,
             )
-            self._thread = threading.Thread(target=self._persist_guarded, args=(path, snap), daemon=False)
             self._thread.start()
         self.last_block_s = time.perf_counter() - t0
         return path
+
+    def fence(self) -> float:
+        """Wait until the deferred arrays of the last ``save`` are copied (call it before they change);
+        return the seconds waited, which are added to ``last_block_s``."""
+        if self._snapped is None:
+            return 0.0
+        t0 = time.perf_counter()
+        self._snapped.wait()
+        self._snapped = None
+        waited = time.perf_counter() - t0
+        self.last_block_s += waited
+        return waited
+
+    def _snapshot_and_persist(
+        self,
+        path: Path,
+        payload: Payload,
+        now: dict[str, np.ndarray],
+        later: dict[str, np.ndarray],
+        snapped: threading.Event,
+    ) -> None:
+        try:  # numpy's copy releases the GIL: the training thread runs on meanwhile
+            now.update({k: self._snapshot(k, a) for k, a in later.items()})
+        finally:
+            snapped.set()  # also on an error (raised by the next wait()): a fence must never hang
+        arrays = {k: now[k] for k in payload.arrays}  # the payload's order, so files are laid out alike
+        self._persist(path, Payload(arrays=arrays, attrs=payload.attrs))
 
     def reserve(self, arrays: dict[str, np.ndarray]) -> None:
         """Asynchronous mode: allocate (and fault in) the snapshot buffers for arrays like these on a thread
@@ -453,9 +488,6 @@ class CheckpointWriter:
         np.copyto(buf, a)
         return buf
 
-    def _persist_guarded(self, path: Path, payload: Payload) -> None:
-        self._guarded(lambda: self._persist(path, payload))
-
     def _guarded(self, fn) -> None:
         try:
             fn()
@@ -474,6 +506,7 @@ class CheckpointWriter:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._snapped = None
         if self._error is not None:
             error, self._error = self._error, None
             raise error

@@ -239,8 +239,13 @@ class Trainer:
         if not self.strategy.is_root:
             return
         self.carried += window
+        deferred: set[str] = set()
         if payload is None:
             payload = ckpt.pack_state(self.model, self.optimizer, self.scheduler)
+            # Views of live tensors that only the optimizer step changes: the async writer copies them while
+            # the next forward and backward run, and fit() fences before that step.
+            params = {f"model/{name}" for name, _ in self.model.named_parameters()}
+            deferred = {k for k in payload.arrays if k in params or k.startswith("optimizer/state/")}
         for r, blob in enumerate(rngs):
             payload.arrays[f"rng/rank_{r}"] = blob
         payload.arrays["train/window_losses"] = np.asarray(self.carried, dtype=np.float64)
@@ -259,7 +264,7 @@ class Trainer:
             spec_sha256=self.spec.spec_hash(),
             versions=_json(versions()),
         )
-        path = self.writer.save(payload)
+        path = self.writer.save(payload, deferred=deferred)
         self.checkpoints.append(
             {
                 "step": self.step,
@@ -312,6 +317,8 @@ class Trainer:
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 loss = self.strategy.train_step(self.model, x, y, loss_fn)
                 lr = self.scheduler.get_last_lr()[0]
+                if self.writer is not None and (waited := self.writer.fence()):
+                    self.checkpoints[-1]["block_s"] += waited  # the snapshot's copy outlasted fwd + bwd
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import signal
 import sys
 import threading
@@ -147,6 +148,10 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.manual_seed(spec.train.seed)  # rank 0's initial parameters are broadcast anyway
+    # Python's and numpy's global generators too (a user's augmentation may draw from them), a stream per
+    # rank: the run is repeatable and every rank's state in a checkpoint is the same bits run after run.
+    random.seed(f"{spec.train.seed}:{topo.rank}")
+    np.random.seed([spec.train.seed, topo.rank])
     data = ShardedDataset(spec.data.path)
     model = build_model(spec.model, data.sample_shape, data.num_classes)
     n_params = sum(p.numel() for p in model.parameters())

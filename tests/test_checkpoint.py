@@ -168,6 +168,25 @@ def test_async_writer_snapshots_before_returning(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("checkpoints/.*.tmp"))
 
 
+def test_deferred_arrays_are_copied_by_the_thread_before_fence_returns(tmp_path: Path) -> None:
+    """Parameters and optimizer state are snapshotted while training runs on; fence() (before the optimizer
+    step) waits for that copy, so what the step then changes is not in the file. A buffer is copied
+    at once."""
+    writer = ckpt.CheckpointWriter(tmp_path, keep=3, async_save=True)
+    big = np.arange(8_000_000, dtype=np.float32)  # 32 MB: its copy takes a while
+    buf = np.ones(16, dtype=np.float32)
+    attrs = dict(step=7, epoch=0, step_in_epoch=7, world_size=1, spec="{}", torch_dtypes="{}")
+    p = ckpt.Payload(arrays={"model/w": big, "model/running_mean": buf}, attrs=attrs)
+    writer.save(p, deferred={"model/w"})
+    buf += 1  # a forward pass updating a buffer right after save returns
+    assert writer.fence() >= 0.0 and writer.fence() == 0.0  # a second fence has nothing to wait for
+    big += 1  # the optimizer step
+    writer.wait()
+    stored = ckpt.read_checkpoint(ckpt.checkpoint_path(tmp_path, 7)).arrays
+    assert np.array_equal(stored["model/w"], np.arange(8_000_000, dtype=np.float32))
+    assert np.array_equal(stored["model/running_mean"], np.ones(16, dtype=np.float32))
+
+
 def test_spec_differences_ignore_restart_keys() -> None:
     a = {"job": {"ranks": 2, "run_dir": "x"}, "train": {"lr": 0.1, "epochs": 5}}
     b = {"job": {"ranks": 4, "run_dir": "y"}, "train": {"lr": 0.2, "epochs": 5}}
@@ -227,6 +246,26 @@ def test_kill_minus_9_mid_epoch_then_resume_is_bit_identical(
     assert "resuming from" in resumed.stdout and "step-00000028.h5" in resumed.stdout
     summary = _assert_same_as_reference(run_dir, reference)
     assert summary["resumed_from_step"] == 28
+
+
+def test_async_checkpoints_hold_the_same_bits_as_sync_ones(
+    tmp_path: Path, digits_dataset: Path, reference: Path
+) -> None:
+    """An async run (deferred snapshot, a fence before each optimizer step) writes what the sync reference
+    wrote."""
+    run_dir = tmp_path / "run"
+    proc = _run(run_dir, digits_dataset, "--set", "checkpoint.async_save=true")
+    assert proc.returncode == 0, proc.stderr
+    _assert_same_as_reference(run_dir, reference)
+    ours, theirs = ckpt.list_checkpoints(run_dir), ckpt.list_checkpoints(reference)
+    assert [p.name for p in ours] == [p.name for p in theirs] and len(ours) == 3
+    for a_path, b_path in zip(ours, theirs, strict=True):
+        a, b = ckpt.read_checkpoint(a_path), ckpt.read_checkpoint(b_path)
+        assert a.arrays.keys() == b.arrays.keys()
+        for key in a.arrays:
+            assert np.array_equal(a.arrays[key], b.arrays[key]), (a_path.name, key)
+    blocks = json.loads((run_dir / "summary.json").read_text())["checkpoints"]
+    assert all(c["async"] and c["block_s"] >= 0 for c in blocks)
 
 
 def test_sigusr1_checkpoints_exits_75_and_resumes_identically(
