@@ -379,8 +379,16 @@ def spec_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str
 
 
 # Keys a restart may change without making it another job: where it runs, on how many ranks, how often it
-# checkpoints, how it prefetches.
+# checkpoints, how it prefetches, how a pipeline is laid out. A pipeline checkpoint holds the whole model
+# named as unsplit, so it resumes onto other cuts, stage counts, replica counts and schedules; micro_batches
+# stays: it changes what a normalisation layer sees.
 RESTART_MAY_CHANGE = {
+    ("parallel", "stages"),
+    ("parallel", "split"),
+    ("parallel", "schedule"),
+    ("parallel", "data_replicas"),
+    ("parallel", "recompute"),
+    ("parallel", "offload"),
     ("job", "ranks"),
     ("job", "run_dir"),
     ("data", "prefetch"),
@@ -402,9 +410,15 @@ RESTART_MAY_CHANGE = {
 class CheckpointWriter:
     """Commits checkpoints of one run, synchronously or in a background thread, and prunes old ones.
 
-    Asynchronous mode (CheckFreq's snapshot-then-persist): ``save`` copies the arrays into host buffers
-    that are allocated once and reused, returns, and a thread writes the file while training goes on. At most
-    one write is in flight; the next ``save`` first waits for it.
+    Asynchronous mode (CheckFreq's snapshot-then-persist): the arrays are copied into host buffers that are
+    allocated once and reused, and a thread writes the file while training goes on. At most one write is in
+    flight; the next ``save`` first waits for it.
+
+    Arrays named in ``save(..., deferred=...)`` (parameters and optimizer state: only the optimizer step
+    changes them) are copied by the thread too, while the next step's forward and backward run, as CheckFreq
+    pipelines its snapshot; ``fence()`` before the optimizer step waits for that copy. The rest (buffers a
+    forward pass updates, RNG states) is copied before ``save`` returns. A checkpoint's blocking time is
+    ``save``'s plus the fence's wait.
     """
 
     def __init__(self, run_dir: Path, keep: int, async_save: bool, log=print):
