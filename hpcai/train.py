@@ -389,6 +389,9 @@ class Trainer:
             self.save_checkpoint()
         if self.writer is not None:
             self.writer.wait()
+            for c in self.checkpoints:  # what the async writer thread took from training's cores
+                if c["file"] in self.writer.thread_cpu_s:
+                    c["writer_cpu_s"] = self.writer.thread_cpu_s[c["file"]]
         accuracy = self._evaluate(test)
         done = self.step - start_step
         return Result(

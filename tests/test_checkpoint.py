@@ -92,8 +92,10 @@ def test_file_is_plain_hdf5_without_pickle(tmp_path: Path) -> None:
 
 
 def test_large_aligned_arrays_go_direct_and_read_back_exactly(tmp_path: Path, monkeypatch) -> None:
-    """The async writer's snapshot buffers are 4 KiB-aligned, so large tensors are written with O_DIRECT at
-    offsets HDF5 laid out (the odd-sized tail through the page cache); small or unaligned ones by h5py."""
+    """Large arrays are written with O_DIRECT at offsets HDF5 laid out (the odd-sized tail through the page
+    cache): from their own memory when it is 4 KiB-aligned (the async writer's snapshot buffers), else through
+    the staging buffer (live tensors), here 1 MiB so that a 3 MiB array takes several rounds; small ones by
+    h5py."""
     import os
     import zlib
 
@@ -106,6 +108,11 @@ def test_large_aligned_arrays_go_direct_and_read_back_exactly(tmp_path: Path, mo
     aligned = {k: ckpt.aligned_empty(a.shape, a.dtype) for k, a in arrays.items()}
     for k, a in arrays.items():
         np.copyto(aligned[k], a)
+    unaligned = np.empty(786_434, np.float32)[1:]  # 3 MiB + 4 bytes, 4 bytes past numpy's 16-byte alignment
+    assert unaligned.ctypes.data % ckpt.ALIGN != 0
+    unaligned[:] = rng.standard_normal(786_433)
+    arrays["big/unaligned"] = aligned["big/unaligned"] = unaligned
+    monkeypatch.setattr(ckpt, "STAGE_BYTES", 1 << 20)
     opened: list[int] = []
     real_open = os.open
     monkeypatch.setattr(os, "open", lambda p, flags, *a: opened.append(flags) or real_open(p, flags, *a))
