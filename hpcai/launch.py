@@ -88,10 +88,44 @@ def launch_env(n: int) -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("HPCAI_TTY", "1" if sys.stderr.isatty() else "0")
+    if cma_allowed():
+        # MPICH's single-copy path for large messages between ranks of a node (process_vm_readv): its
+        # default copies twice through shared memory. Measured here, 2 ranks: ring all-reduce of 16 MiB
+        # 7.5 -> 4.3 ms, 64 MiB 26 -> 17 ms. Other MPIs ignore the variable.
+        env.setdefault("MPIR_CVAR_CH4_CMA_ENABLE", "1")
     if "OMPI_ALLOW_RUN_AS_ROOT" not in env and hasattr(os, "geteuid") and os.geteuid() == 0:
         # Open MPI refuses root without these (containers, CI); MPICH ignores them.
         env["OMPI_ALLOW_RUN_AS_ROOT"] = env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
     return env
+
+
+def cma_allowed() -> bool:
+    """Whether one process may read a sibling's memory (Linux cross-memory attach): the syscall is not
+    filtered (seccomp in some containers) and Yama's ptrace_scope is 0 (or Yama is absent); at scope 1,
+    the Ubuntu default, only an ancestor may, and ranks are siblings."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        if Path("/proc/sys/kernel/yama/ptrace_scope").read_text().strip() != "0":
+            return False
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    import ctypes
+
+    class IoVec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        src, dst = ctypes.create_string_buffer(b"hpcai", 8), ctypes.create_string_buffer(8)
+        local = IoVec(ctypes.cast(dst, ctypes.c_void_p), 8)
+        remote = IoVec(ctypes.cast(src, ctypes.c_void_p), 8)
+        n = libc.process_vm_readv(os.getpid(), ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    except (OSError, AttributeError):
+        return False
+    return n == 8 and dst.value == b"hpcai"
 
 
 FATAL_DIR_ENV = "HPCAI_FATAL_DIR"  # where a rank leaves its last words before MPI_Abort (hpcai.comm.abort)

@@ -67,3 +67,22 @@ def test_relay_passes_bytes_through_and_remembers_hpcai_lines(tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == b"\r 10%\r 20%hpcai: mid-line\nhpcai: whole\nhpcai: cut"
     assert proc.stdout.strip() == b"['hpcai: whole']"
+
+
+def test_single_copy_transfers_enabled_only_where_the_kernel_allows(monkeypatch) -> None:
+    """MPICH's cross-memory-attach path is asked for where process_vm_readv works; a user's choice wins."""
+    from hpcai import launch
+
+    monkeypatch.delenv("MPIR_CVAR_CH4_CMA_ENABLE", raising=False)
+    monkeypatch.setattr(launch, "cma_allowed", lambda: True)
+    assert launch.launch_env(2)["MPIR_CVAR_CH4_CMA_ENABLE"] == "1"
+    monkeypatch.setenv("MPIR_CVAR_CH4_CMA_ENABLE", "0")
+    assert launch.launch_env(2)["MPIR_CVAR_CH4_CMA_ENABLE"] == "0"
+    monkeypatch.delenv("MPIR_CVAR_CH4_CMA_ENABLE")
+    monkeypatch.setattr(launch, "cma_allowed", lambda: False)
+    assert "MPIR_CVAR_CH4_CMA_ENABLE" not in launch.launch_env(2)
+    # The probe itself: on Linux it agrees with Yama's setting (siblings need ptrace_scope 0).
+    monkeypatch.undo()
+    yama = Path("/proc/sys/kernel/yama/ptrace_scope")
+    if sys.platform.startswith("linux") and yama.exists() and yama.read_text().strip() != "0":
+        assert not launch.cma_allowed()
