@@ -23,6 +23,7 @@ from mpi4py import MPI
 from hpcai.bench import allreduce as bench
 from hpcai.comm import ring_allreduce
 from hpcai.comm.ring import _schedule, ring_allreduce_start
+from hpcai.launch import cma_allowed
 
 REPO = Path(__file__).resolve().parents[1]
 RING_CHECK = REPO / "tests" / "mpi_scripts" / "ring_check.py"
@@ -56,6 +57,16 @@ def test_ring_matches_mpi_allreduce_and_is_bit_identical(mpiexec: str, ranks: in
     proc = subprocess.run(cmd, env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert f"ring_check: OK on {ranks} ranks" in proc.stdout
+
+
+@pytest.mark.skipif(not cma_allowed(), reason="process_vm_readv between ranks not allowed here")
+def test_ring_is_right_over_single_copy_transfers(mpiexec: str) -> None:
+    """What `hpcai run` turns on where the kernel allows (MPICH's CMA path for large messages)."""
+    cmd = [mpiexec, "-n", "3", sys.executable, "-m", "mpi4py", str(RING_CHECK)]
+    env = child_env() | {"MPIR_CVAR_CH4_CMA_ENABLE": "1"}
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "ring_check: OK on 3 ranks" in proc.stdout
 
 
 def test_bench_runs_end_to_end_and_writes_json(tmp_path: Path) -> None:
