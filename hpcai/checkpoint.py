@@ -105,6 +105,14 @@ def pack_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     return p
 
 
+def step_owned_keys(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> set[str]:
+    """The arrays of ``pack_state`` that only the optimizer step changes (parameters, optimizer state): an
+    asynchronous save may copy them after it returns, until ``CheckpointWriter.fence()``. Buffers are not
+    among them: a forward pass may update them."""
+    params = {f"model/{name}" for name, _ in model.named_parameters()}
+    return {k for k in arrays if k in params or k.startswith("optimizer/state/")}
+
+
 def unpack_model(p: Payload, model: torch.nn.Module) -> None:
     """Load the model's tensors only (inference needs no optimizer); a missing or misfit tensor is named."""
     dtypes = json.loads(p.attrs["torch_dtypes"])

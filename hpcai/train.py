@@ -244,8 +244,7 @@ class Trainer:
             payload = ckpt.pack_state(self.model, self.optimizer, self.scheduler)
             # Views of live tensors that only the optimizer step changes: the async writer copies them while
             # the next forward and backward run, and fit() fences before that step.
-            params = {f"model/{name}" for name, _ in self.model.named_parameters()}
-            deferred = {k for k in payload.arrays if k in params or k.startswith("optimizer/state/")}
+            deferred = ckpt.step_owned_keys(self.model, payload.arrays)
         for r, blob in enumerate(rngs):
             payload.arrays[f"rng/rank_{r}"] = blob
         payload.arrays["train/window_losses"] = np.asarray(self.carried, dtype=np.float64)

@@ -126,7 +126,6 @@ def interleaved_overhead(
     x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
     loss_fn = nn.CrossEntropyLoss()
     writer = ckpt.CheckpointWriter(directory, keep=2, async_save=True, log=lambda *_: None)
-    params = {f"model/{n}" for n, _ in model.named_parameters()}
     step = 0
 
     def train(n: int, checkpoints: bool) -> None:
@@ -141,8 +140,7 @@ def interleaved_overhead(
             if checkpoints and i % every == 0:  # the block's last write has `every` steps to finish
                 payload = ckpt.pack_state(model, opt, sched)
                 payload.attrs.update(step=step, epoch=0, step_in_epoch=step, world_size=1, spec="{}")
-                deferred = {k for k in payload.arrays if k in params or k.startswith("optimizer/state/")}
-                writer.save(payload, deferred=deferred)
+                writer.save(payload, deferred=ckpt.step_owned_keys(model, payload.arrays))
         writer.wait()
 
     train(3, False)  # warm up; optimizer state exists now
@@ -207,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = list(extra)
     rounds: dict[str, list[dict]] = {k: [] for k in extra}
     for r in range(args.rounds):
-        for k in modes[r % 3 :] + modes[: r % 3]:
+        for k in modes[r % len(modes) :] + modes[: r % len(modes)]:
             rounds[k].append(_run(work / f"{k}-{r}", data, args.hidden, args.steps, args.ranks, extra[k]))
     params = rounds["none"][0]["model_parameters"]
     ckpt_files = sorted((work / "sync-0" / "checkpoints").glob("step-*.h5"))
