@@ -69,6 +69,15 @@ def test_ring_is_right_over_single_copy_transfers(mpiexec: str) -> None:
     assert "ring_check: OK on 3 ranks" in proc.stdout
 
 
+def test_stall_watch_reads_every_rank_without_waiting_for_a_busy_one(mpiexec: str) -> None:
+    """Numbers read through shared memory and through RMA agree; a rank busy outside MPI blocks no read."""
+    script = REPO / "tests" / "mpi_scripts" / "stall_check.py"
+    cmd = [mpiexec, "-n", "3", sys.executable, "-m", "mpi4py", str(script)]
+    proc = subprocess.run(cmd, env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "stall_check: OK on 3 ranks" in proc.stdout
+
+
 def test_bench_runs_end_to_end_and_writes_json(tmp_path: Path) -> None:
     out_json, out_png = tmp_path / "ar.json", tmp_path / "ar.png"
     cmd = [sys.executable, "-m", "hpcai.bench.allreduce", "-n", "2", "--sizes", "4KiB,1MiB"]
@@ -209,3 +218,4 @@ def test_automatic_choice_by_size_and_ranks() -> None:
     ]
     assert [choose_algorithm(n, 16) for n in (2 * mib, 16 * mib)] == ["halving", "ring"]
     assert [choose_algorithm(n, 6) for n in (2 * mib, 16 * mib)] == ["mpi", "ring"]
+
