@@ -115,7 +115,10 @@ class TrainSection:
 @dataclass(frozen=True)
 class CommSection:
     bucket_mb: float = _doc("Gradient bucket size in MiB (all-reduced while backward runs).", default=25.0)
-    first_bucket_mb: float = _doc("Size of the first bucket (ready soonest, so kept small).", default=1.0)
+    first_bucket_mb: float = _doc(
+        "Size of the first bucket (ready soonest) and of the last (its all-reduce hides behind nothing).",
+        default=1.0,
+    )
     overlap: bool = _doc("All-reduce buckets on a communication thread while backward runs.", default=True)
     compression: str = _doc(
         "Gradients on the wire: none, fp16 or bf16 (float32 kept for the optimizer).", default="none"

@@ -10,16 +10,35 @@ import pytest
 import torch
 from torch import nn
 
-from hpcai.parallel.buckets import GradBuckets, plan_buckets
+from hpcai.parallel.buckets import GradBuckets, grad_units, plan_buckets
 from tests.conftest import run_cli
 
 
-def test_plan_buckets_small_first_then_capped() -> None:
-    params = [nn.Parameter(torch.zeros(n)) for n in (10, 300_000, 300_000, 5, 2_000_000, 7)]
-    groups = plan_buckets(params, bucket_bytes=2_500_000, first_bucket_bytes=100)  # bytes, float32
-    sizes = [[p.numel() for p in g] for g in groups]
-    assert sizes == [[10], [300_000, 300_000, 5], [2_000_000], [7]]
-    assert sum(len(g) for g in groups) == len(params)  # every parameter exactly once, never split
+def test_plan_buckets_small_first_then_capped_then_small_last() -> None:
+    sizes = ((10,), (300_000,), (300_000, 5), (2_000_000,), (6,), (7, 3), (400, 9))  # float32 elements
+    units = [[nn.Parameter(torch.zeros(n)) for n in unit] for unit in sizes]
+    groups = plan_buckets(units, bucket_bytes=2_500_000, first_bucket_bytes=100)  # bytes
+    got = [[p.numel() for p in g] for g in groups]
+    # the last bucket: the trailing units while they fit in 100 bytes, but at least one (the 1636-byte one)
+    assert got == [[10], [300_000, 300_000, 5], [2_000_000], [6, 7, 3], [400, 9]]
+    assert sum(len(g) for g in groups) == sum(len(u) for u in units)  # every parameter once, never split
+    tiny = plan_buckets([units[0], units[4], units[5]], bucket_bytes=2_500_000, first_bucket_bytes=100)
+    assert [[p.numel() for p in g] for g in tiny] == [[10], [6, 7, 3]]  # 40 + 24 + 40 bytes: one tail
+
+
+def test_a_layers_weight_and_bias_share_a_bucket_and_the_input_layer_is_last() -> None:
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    units = grad_units(model)
+    assert [[tuple(p.shape) for p in u] for u in units] == [
+        [(10,), (10, 256)],
+        [(256,), (256, 256)],
+        [(256,), (256, 64)],
+    ]
+    b = GradBuckets(model, 1, lambda t, label: None, bucket_mb=0.3, first_bucket_mb=0.01)
+    layers = [m for m in model if isinstance(m, nn.Linear)]
+    assert [set(map(id, bk.params)) for bk in b.buckets] == [
+        {id(p) for p in m.parameters()} for m in reversed(layers)
+    ]
 
 
 def test_single_process_buckets_cover_every_gradient() -> None:
@@ -66,7 +85,7 @@ def test_overlapped_buckets_match_one_bucket_after_backward(tmp_path: Path, digi
     )
     _, one = _run(tmp_path, digits_dataset, "one", *sets, "comm.bucket_mb=100", "comm.overlap=false")
     assert many is not None and one is not None
-    assert many["buckets"] > 3 and one["buckets"] == 1
+    assert many["buckets"] == 3 and one["buckets"] == 1  # one bucket per Linear layer (weight with bias)
     assert len(set(many["params_sha256"])) == 1  # replicas bit-identical with overlap on
     # Each element is reduced in the same ring order whatever the bucket it sits in only when the ring path is
     # the same, so compare the training outcome to rounding rather than bits.

@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-OPS: tuple[str, ...] = ("sum", "max", "min")
+OPS: tuple[str, ...] = ("sum", "max", "min", "mean")
 DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64", "int32", "int64")
 
-_MPI_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
-_NUMPY_UFUNCS = {"sum": np.add, "max": np.maximum, "min": np.minimum}
+# "mean" is a sum whose fully reduced blocks are then divided by the number of ranks (see ElementKind.finish).
+_MPI_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "mean": MPI.SUM}
+_NUMPY_UFUNCS = {"sum": np.add, "max": np.maximum, "min": np.minimum, "mean": np.add}
 # Element type name -> MPI datatype used to move its bytes. float16/bfloat16 move as bit patterns.
 _TRANSPORT = {
     "float16": MPI.INT16_T,
@@ -34,6 +35,8 @@ _TRANSPORT = {
 
 # reduce(acc, incoming): acc <- acc (op) incoming, in place
 Reducer = Callable[[np.ndarray, np.ndarray], None]
+# finish(block, ranks): applied once to each fully reduced block, in place ("mean" divides by ranks)
+Finisher = Callable[[np.ndarray, int], None]
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,10 @@ class ElementKind:
     native: False for float16/bfloat16, whose small-message path reduces through a float32 copy because MPI
         cannot do arithmetic on them.
     reduce: in-place reducer on flat numpy views of the transport arrays.
+    finish: None, or what is applied once to a fully reduced block before it is passed on ("mean": divide
+        by the number of ranks). The rank that completes a block's reduction finishes it and everyone else
+        copies the result, so the division costs 1/p of a pass per rank instead of a pass over the whole
+        buffer afterwards, and all ranks still hold the same bits.
     """
 
     name: str
@@ -55,19 +62,31 @@ class ElementKind:
     mpi_op: MPI.Op
     native: bool
     reduce: Reducer
+    finish: Finisher | None = None
 
 
 def _bf16_reducer(op: str) -> Reducer:
     """bfloat16 blocks arrive as int16 numpy views; torch does the widen-combine-round arithmetic."""
     import torch  # only reached with a torch bfloat16 tensor, so torch is already imported
 
-    fn = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}[op]
+    fn = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum, "mean": torch.add}[op]
 
     def reduce(acc: np.ndarray, incoming: np.ndarray) -> None:
         a = torch.from_numpy(acc).view(torch.bfloat16)  # shares memory: no copy
         fn(a, torch.from_numpy(incoming).view(torch.bfloat16), out=a)
 
     return reduce
+
+
+def _bf16_divide(block: np.ndarray, ranks: int) -> None:
+    import torch
+
+    t = torch.from_numpy(block).view(torch.bfloat16)
+    t.div_(ranks)  # widen, divide, round once
+
+
+def _numpy_divide(block: np.ndarray, ranks: int) -> None:
+    np.divide(block, block.dtype.type(ranks), out=block)  # correctly rounded, like torch's div_
 
 
 def _numpy_reducer(op: str) -> Reducer:
@@ -95,7 +114,12 @@ def element_kind(name: str, op: str) -> ElementKind:
     key = (name, op)
     kind = _KINDS.get(key)
     if kind is None:
+        if op == "mean" and name.startswith("int"):
+            raise TypeError(f"op 'mean' needs a floating-point dtype, got {name}")
         reducer = _bf16_reducer(op) if name == "bfloat16" else _numpy_reducer(op)
+        finish = None
+        if op == "mean":
+            finish = _bf16_divide if name == "bfloat16" else _numpy_divide
         kind = ElementKind(
             name=name,
             itemsize=2 if name == "bfloat16" else np.dtype(name).itemsize,
@@ -103,6 +127,7 @@ def element_kind(name: str, op: str) -> ElementKind:
             mpi_op=_MPI_OPS[op],
             native=name not in ("float16", "bfloat16"),
             reduce=reducer,
+            finish=finish,
         )
         _KINDS[key] = kind
     return kind

@@ -37,6 +37,7 @@ def halving_steps(
     """All-reduce flat ``arr`` in place over ``comm`` (power-of-two size); yield after each step.
 
     ``scratch`` holds at least ``(arr.size + 1) // 2`` elements of ``arr``'s dtype (the largest half).
+    ``kind.finish`` (op "mean") is applied to the block this rank fully reduced, before the all-gather.
     """
     p, r = comm.Get_size(), comm.Get_rank()
     if not is_power_of_two(p):
@@ -61,6 +62,8 @@ def halving_steps(
             reduce(arr[k0:k1], incoming)
             send.Wait()
             yield
+        if kind.finish is not None:
+            kind.finish(arr[lo:hi], p)  # [lo, hi) is the block kept at the last level: ours, fully reduced
         for partner, s0, s1, k0, k1 in reversed(levels):
             recv = comm.Irecv([arr[s0:s1], mtype], partner, tag)
             MPI.Request.Waitall([recv, comm.Isend([arr[k0:k1], mtype], partner, tag)])

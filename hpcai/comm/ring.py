@@ -157,7 +157,7 @@ def _ring_steps(
     left, right = (r - 1) % p, (r + 1) % p
     tag = state.sequence % state.tag_limit
     state.sequence += 1
-    rcomm, mtype, reduce = state.ring_comm, kind.mpi_type, kind.reduce
+    rcomm, mtype, reduce, finish = state.ring_comm, kind.mpi_type, kind.reduce, kind.finish
     own, incoming = _schedule(p, r, arr.size, seg_elems)
     scratch = state.take_buffers(arr.dtype, seg_elems, _NUM_RECV_BUFFERS)
     nbuf = len(scratch)
@@ -193,6 +193,8 @@ def _ring_steps(
             recvs[i] = None
             if j < p - 1:
                 reduce(arr[off : off + cnt], scratch[i % nbuf][:cnt])
+                if j == p - 2 and finish is not None:  # fully reduced here: finish it while it is in cache
+                    finish(arr[off : off + cnt], p)
             if j < last:  # what arrived at step j leaves at step j+1
                 sends[j + 1].append(rcomm.Isend([arr[off : off + cnt], mtype], right, tag))
             yield
@@ -237,11 +239,13 @@ class AllreduceHandle:
         steps: Iterator[None] | None = None,
         request: MPI.Request | None = None,
         widened: tuple[np.ndarray, np.ndarray] | None = None,
+        finish: tuple[Any, np.ndarray, int] | None = None,
     ) -> None:
         self._buf = buf
         self._steps = steps
         self._request = request
         self._widened = widened  # (float32 copy being reduced by MPI, 16-bit destination) on the small path
+        self._finish = finish  # (finisher, block, ranks) to apply after the MPI path's request completes
         self.done = steps is None and request is None
 
     def step(self) -> bool:
@@ -255,6 +259,9 @@ class AllreduceHandle:
         if self._request is not None:
             self._request.Wait()
             self._request = None
+            if self._finish is not None:
+                fn, block, ranks = self._finish
+                fn(block, ranks)
             if self._widened is not None:
                 wide, dest = self._widened
                 _narrow_into(dest, wide)
@@ -329,12 +336,15 @@ def ring_allreduce_start(
         return AllreduceHandle(buf, steps=steps)
     if path == "halving":
         return AllreduceHandle(buf, steps=_halving(arr, kind, comm, _comm_state(comm)))
+    p = comm.Get_size()
     if kind.native:
-        return AllreduceHandle(buf, request=comm.Iallreduce(MPI.IN_PLACE, [arr, kind.mpi_type], kind.mpi_op))
+        req = comm.Iallreduce(MPI.IN_PLACE, [arr, kind.mpi_type], kind.mpi_op)
+        return AllreduceHandle(buf, request=req, finish=kind.finish and (kind.finish, arr, p))
     # MPI cannot add 16-bit floats: reduce a float32 copy, then round once; every rank rounds the same result.
     wide = _widen(arr, name)
     req = comm.Iallreduce(MPI.IN_PLACE, [wide, MPI.FLOAT], kind.mpi_op)
-    return AllreduceHandle(buf, request=req, widened=(wide, arr))
+    finish = kind.finish and (element_kind("float32", "mean").finish, wide, p)  # divide before rounding
+    return AllreduceHandle(buf, request=req, widened=(wide, arr), finish=finish)
 
 
 def ring_allreduce(
@@ -350,7 +360,8 @@ def ring_allreduce(
     buf: contiguous numpy array or CPU torch tensor of float16, bfloat16 (torch only), float32, float64, int32
     or
         int64; any shape and length, the same on every rank.
-    op: "sum", "max" or "min".
+    op: "sum", "max", "min" or "mean" (the sum divided by the number of ranks; floating-point dtypes only).
+        The ring divides each chunk once, on the rank that completes its sum, before passing it on.
     algorithm: "auto" (choose_algorithm: MPI_Allreduce for small messages, recursive halving/doubling for
         mid-size ones on 4, 8, 16... ranks, the ring above), or "ring", "halving" (power-of-two ranks only)
         or "mpi" to force one.
@@ -363,9 +374,13 @@ def ring_allreduce(
         # Blocking MPI_Allreduce, not Iallreduce + Wait: MPICH's blocking algorithms are the faster ones here.
         if kind.native:
             comm.Allreduce(MPI.IN_PLACE, [arr, kind.mpi_type], kind.mpi_op)
+            if kind.finish is not None:
+                kind.finish(arr, comm.Get_size())
         else:  # 16-bit floats: through float32, rounded once (see ring_allreduce_start)
             wide = _widen(arr, name)
             comm.Allreduce(MPI.IN_PLACE, [wide, MPI.FLOAT], kind.mpi_op)
+            if kind.finish is not None:
+                np.divide(wide, np.float32(comm.Get_size()), out=wide)  # divide before rounding
             _narrow_into(arr, wide)
         return buf
     if path == "none":

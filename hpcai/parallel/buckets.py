@@ -1,12 +1,13 @@
 """Gradient buckets all-reduced while backward still runs (the DDP / Horovod idea, on our ring).
 
 Gradients live in one flat buffer per dtype, laid out in *reverse* parameter order — the order autograd
-produces them — and cut into contiguous buckets: a small first bucket (it is ready soonest), then buckets of
-``bucket_mb``. A hook on each parameter counts down its bucket; when a bucket's last gradient has been
-accumulated, the bucket goes to a communication thread that all-reduces it in place (and divides by the
-world size) while autograd computes the earlier layers' gradients. ``wait()`` blocks only for what is still
-in flight. Buckets are reduced in index order on every rank, whatever order the hooks fire in, so all ranks
-call the collectives in the same sequence.
+produces them — and cut, at module boundaries, into contiguous buckets: a small first bucket (it is ready
+soonest), buckets of ``bucket_mb``, and a small last bucket (nothing is left to hide its all-reduce behind).
+A hook on each parameter counts down its bucket; when a bucket's last gradient has been accumulated, the
+bucket goes to a communication thread that averages it over the ranks in place (our ring's "mean": the
+division rides on the reduction, no extra pass) while autograd computes the earlier layers' gradients.
+``wait()`` blocks only for what is still in flight. Buckets are reduced in index order on every rank, whatever
+order the hooks fire in, so all ranks call the collectives in the same sequence.
 
 The communication thread is the only thread that calls MPI during backward (torch's autograd engine runs
 without the GIL, numpy's adds and mpi4py's waits release it, so both make progress). Optional compression
@@ -43,33 +44,63 @@ class Bucket:
         return self.flat.numel() * self.flat.element_size()
 
 
-def plan_buckets(
-    params: list[nn.Parameter], bucket_bytes: int, first_bucket_bytes: int
-) -> list[list[nn.Parameter]]:
-    """Group parameters (given in reverse model order) into buckets: the first small, then ~bucket_bytes.
+def grad_units(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Trainable parameters grouped by the module that owns them, in reverse model order (autograd's).
 
-    A parameter larger than a bucket gets a bucket of its own; parameters are never split across buckets.
+    One module's parameters come out of one backward node together, so they belong in one bucket: cutting
+    by parameter instead put layer k's bias into layer k+1's bucket, which then waited a whole layer longer.
     """
+    seen: set[int] = set()
+    units = []
+    for module in reversed(list(model.modules())):
+        unit = [p for p in reversed(list(module.parameters(recurse=False))) if p.requires_grad]
+        unit = [p for p in unit if id(p) not in seen]  # a shared parameter is reduced once
+        seen.update(id(p) for p in unit)
+        if unit:
+            units.append(unit)
+    return units
+
+
+def plan_buckets(
+    units: list[list[nn.Parameter]], bucket_bytes: int, first_bucket_bytes: int
+) -> list[list[nn.Parameter]]:
+    """Group units (each one module's parameters, in the order autograd produces them) into buckets.
+
+    The first bucket is small, because it is ready soonest. So is the last one: it holds the gradients
+    autograd produces last (the layers nearest the input), which no backward computation is left to hide,
+    so its all-reduce is the step's exposed communication (see ``hpcai bench ddp``).
+    Between them, buckets of ~bucket_bytes. A unit larger than a bucket gets a bucket of its own; units are
+    never split.
+    """
+    if not units:
+        return []
+    nbytes = [sum(p.numel() * p.element_size() for p in u) for u in units]
+    tail = len(units) - 1  # units[tail:] form the last bucket: at least one unit, more while they fit
+    tail_bytes = nbytes[-1]
+    while tail > 0 and tail_bytes + nbytes[tail - 1] <= first_bucket_bytes:
+        tail -= 1
+        tail_bytes += nbytes[tail]
     groups: list[list[nn.Parameter]] = []
     current: list[nn.Parameter] = []
     size = 0
     cap = first_bucket_bytes
-    for p in params:
-        nbytes = p.numel() * p.element_size()
-        if current and size + nbytes > cap:
+    for unit, unit_bytes in zip(units[:tail], nbytes[:tail], strict=True):
+        if current and size + unit_bytes > cap:
             groups.append(current)
             current, size, cap = [], 0, bucket_bytes
-        current.append(p)
-        size += nbytes
+        current += unit
+        size += unit_bytes
     if current:
         groups.append(current)
+    groups.append([p for u in units[tail:] for p in u])
     return groups
 
 
 class GradBuckets:
     """Flat gradient buffers, their buckets, the hooks that launch them and the thread that reduces them.
 
-    ``allreduce(flat_slice)`` is the collective (sum in place); it runs on the communication thread.
+    ``allreduce(flat_slice, label)`` is the collective (average over the ranks, in place); it runs on the
+    communication thread.
     """
 
     def __init__(
@@ -84,17 +115,19 @@ class GradBuckets:
     ):
         self.world_size, self.allreduce, self.overlap = world_size, allreduce, overlap
         self.wire_dtype = WIRE_DTYPES[compression]
-        params = [p for p in model.parameters() if p.requires_grad][::-1]  # autograd's order
-        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-        for p in params:
-            by_dtype.setdefault(p.dtype, []).append(p)
+        units = grad_units(model)
+        params = [p for u in units for p in u]
+        by_dtype: dict[torch.dtype, list[list[nn.Parameter]]] = {}  # units split by dtype (one flat each)
+        for unit in units:
+            for dtype in dict.fromkeys(p.dtype for p in unit):
+                by_dtype.setdefault(dtype, []).append([p for p in unit if p.dtype == dtype])
         self.flats: list[torch.Tensor] = []
         self.buckets: list[Bucket] = []
         self._bucket_of: dict[int, Bucket] = {}
         device = params[0].device if params else torch.device("cpu")
         self.on_gpu = device.type == "cuda"
         for dtype, group in by_dtype.items():
-            flat = torch.zeros(sum(p.numel() for p in group), dtype=dtype, device=device)
+            flat = torch.zeros(sum(p.numel() for u in group for p in u), dtype=dtype, device=device)
             self.flats.append(flat)
             offset = 0
             for members in plan_buckets(group, int(bucket_mb * 2**20), int(first_bucket_mb * 2**20)):
@@ -229,7 +262,6 @@ class GradBuckets:
             b.flat.copy_(b.wire)  # widen back; the optimizer works in float32
         else:
             self.allreduce(b.flat, label)
-        b.flat.div_(self.world_size)
         if self.on_gpu:
             torch.cuda.current_stream().synchronize()
         self.comm_s += time.perf_counter() - t0

@@ -61,7 +61,7 @@ class DataParallel:
 
     def _allreduce_bucket(self, t: torch.Tensor, label: str) -> None:
         with self._watched(label):
-            dp_comm.allreduce_sum_(t, self.topo.dp_comm)
+            dp_comm.allreduce_mean_(t, self.topo.dp_comm)
 
     def train_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> torch.Tensor:
         """Forward/backward of this rank's share in ``grad_accum`` micro-batches; one all-reduce.

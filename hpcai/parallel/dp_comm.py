@@ -38,6 +38,11 @@ def allreduce_sum_(t: torch.Tensor | np.ndarray, comm: MPI.Comm) -> torch.Tensor
     return ring_allreduce(t, comm, op="sum")
 
 
+def allreduce_mean_(t: torch.Tensor | np.ndarray, comm: MPI.Comm) -> torch.Tensor | np.ndarray:
+    """Average ``t`` across the ranks of ``comm`` in place (the ring divides as it reduces: no extra pass)."""
+    return ring_allreduce(t, comm, op="mean")
+
+
 def allreduce_max_(a: np.ndarray, comm: MPI.Comm) -> np.ndarray:
     return ring_allreduce(a, comm, op="max")
 

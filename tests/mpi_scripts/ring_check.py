@@ -25,7 +25,7 @@ from hpcai.comm.ring import ring_allreduce_start
 
 WORLD = MPI.COMM_WORLD
 DTYPES = ("float16", "bfloat16", "float32", "float64", "int32", "int64")
-OPS = ("sum", "max", "min")
+OPS = ("sum", "max", "min", "mean")
 # machine epsilon per dtype: the bound on a float sum's error is (ranks) * eps * sum of |operands|, twice over
 EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
 failures: list[str] = []
@@ -78,6 +78,13 @@ def check(
     what = f"{label} n={n} {dtype} {op} {kind} {ring_kwargs or ''} on {p} ranks"
     seed = zlib.crc32(f"{what} {WORLD.Get_rank()}".encode())
     buf = make(n, dtype, kind, seed, shape2d=n == 300_008)
+    if op == "mean" and dtype.startswith("int"):
+        try:
+            ring_allreduce(buf, comm, op, **ring_kwargs)
+            failures.append(f"{what}: did not raise TypeError")
+        except TypeError:
+            pass
+        return
     if fortran:
         buf = np.asfortranarray(buf.reshape(4, -1))
     orig64 = as_float64(buf)
@@ -87,17 +94,20 @@ def check(
         failures.append(f"{what}: did not reduce in place and return its argument")
     # Reference: MPI_Allreduce on the original data; 16-bit floats reduced in float64 (MPI has no 16-bit
     # type).
-    mpi_op = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
+    mpi_op = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "mean": MPI.SUM}[op]
     if dtype in ("float16", "bfloat16"):
         ref = orig64.copy()
         comm.Allreduce(MPI.IN_PLACE, ref, mpi_op)
-        exact = op != "sum"
+        exact = op in ("max", "min")
         if exact:  # max/min pick an operand: exact in 16 bits too
             ref = as_float64(torch.from_numpy(ref).to(getattr(torch, dtype)))
     else:
         ref = orig64.astype(dtype)
         comm.Allreduce(MPI.IN_PLACE, ref, mpi_op)
-        exact = op != "sum" or dtype.startswith("int")
+        exact = op in ("max", "min") or dtype.startswith("int")
+    scale = p if op == "mean" else 1  # the mean is the sum over p; the error bound scales with it
+    if op == "mean":
+        ref = ref / p
     got = as_float64(buf) if not dtype.startswith("int") else np.asarray(buf).reshape(-1)
     if exact:
         if not np.array_equal(got, ref):
@@ -107,7 +117,7 @@ def check(
         abs_sum = np.abs(orig64)
         comm.Allreduce(MPI.IN_PLACE, abs_sum, MPI.SUM)
         err = np.abs(got - ref.astype(np.float64))
-        bound = 2 * p * EPS[dtype] * abs_sum + 1e-300
+        bound = 2 * p * EPS[dtype] * abs_sum / scale + 1e-300
         if np.any(err > bound):
             bad = int(np.argmax(err / bound))
             msg = f"element {bad} is {got[bad]}, MPI gives {ref[bad]}, error > {bound[bad]:.3g}"
