@@ -86,3 +86,12 @@ def test_single_copy_transfers_enabled_only_where_the_kernel_allows(monkeypatch)
     yama = Path("/proc/sys/kernel/yama/ptrace_scope")
     if sys.platform.startswith("linux") and yama.exists() and yama.read_text().strip() != "0":
         assert not launch.cma_allowed()
+
+
+def test_ranks_keep_freed_memory_in_the_heap_unless_the_user_chose(monkeypatch) -> None:
+    from hpcai import launch
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4096")
+    env = launch.launch_env(2)
+    assert env["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20) and env["MALLOC_TRIM_THRESHOLD_"] == "4096"

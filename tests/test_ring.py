@@ -219,3 +219,20 @@ def test_automatic_choice_by_size_and_ranks() -> None:
     assert [choose_algorithm(n, 16) for n in (2 * mib, 16 * mib)] == ["halving", "ring"]
     assert [choose_algorithm(n, 6) for n in (2 * mib, 16 * mib)] == ["mpi", "ring"]
 
+
+def test_bench_ddp_runs_end_to_end_and_writes_json(tmp_path: Path) -> None:
+    """`hpcai bench ddp` on 2 ranks, a tiny model: every phase runs; the JSON has the issue's keys."""
+    out_json = tmp_path / "ddp.json"
+    cmd = [sys.executable, "-m", "hpcai.bench.ddp", "-n", "2", "--hidden", "64,64", "--batch", "8"]
+    cmd += ["--steps", "4", "--warmup", "1", "--rounds", "2", "--json", str(out_json)]
+    proc = subprocess.run(cmd, env=child_env(), cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "ours / DDP" in proc.stdout
+    r = json.loads(out_json.read_text())
+    assert r["world_size"] == 2 and r["batch_per_rank"] == 8
+    for key in ("ours_samples_per_s", "ddp_samples_per_s", "single_samples_per_s"):
+        assert r[key] > 0
+    assert r["ours_vs_ddp"] == pytest.approx(r["ours_samples_per_s"] / r["ddp_samples_per_s"])
+    for mode in ("", "_no_overlap"):
+        mean, slowest = r[f"exposed_comm_fraction{mode}"], r[f"exposed_comm_fraction{mode}_slowest"]
+        assert 0 < slowest <= mean < 1  # the rank that finished backward last waits least

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcai.errors import UserError
-from hpcai.launch import find_mpiexec, mpi_environment, mpiexec_command
+from hpcai.launch import find_mpiexec, module_env, mpi_environment, mpiexec_command
 
 PROG = "hpcai bench allreduce"
 DEFAULT_SIZES = "4KiB,64KiB,1MiB,4MiB,16MiB,64MiB"
@@ -282,12 +281,11 @@ def main(argv: list[str]) -> int:
         except UserError as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return e.exit_code
-        root = str(Path(__file__).resolve().parents[2])  # the ranks import this same hpcai
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         import subprocess
 
-        return subprocess.run(cmd, env=env, check=False).returncode
+        # The ranks import this same hpcai and get what `hpcai run` gives its ranks (MPICH's single-copy
+        # transfers where the kernel allows), so MPI_Allreduce and the ring are measured as jobs run them.
+        return subprocess.run(cmd, env=module_env(args.n), check=False).returncode
     from mpi4py import MPI
 
     rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()

@@ -208,14 +208,12 @@ def _rank_main(argv: list[str]) -> int:
 
 def _launch(p: int, args: list[str]) -> Any:
     """Run this module on ``p`` ranks with ``args``; return what rank 0 wrote."""
-    from hpcai.launch import find_mpiexec, mpiexec_command
+    from hpcai.launch import find_mpiexec, module_env, mpiexec_command
 
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "result.json"
         cmd = mpiexec_command(p, ["-m", "hpcai.bench.model", *args, "--_out", str(out)], find_mpiexec())
-        root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        env["PYTHONPATH"] = os.pathsep.join(x for x in (root, env.get("PYTHONPATH")) if x)
+        env = module_env(p) | {"OMP_NUM_THREADS": "1"}  # one thread per rank: scaling over ranks, not threads
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0 or not out.is_file():
             raise RuntimeError(
