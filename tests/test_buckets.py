@@ -34,7 +34,7 @@ def test_a_layers_weight_and_bias_share_a_bucket_and_the_input_layer_is_last() -
         [(256,), (256, 256)],
         [(256,), (256, 64)],
     ]
-    b = GradBuckets(model, 1, lambda t, label: None, bucket_mb=0.3, first_bucket_mb=0.01)
+    b = GradBuckets(model, 1, lambda t, label, idle: None, bucket_mb=0.3, first_bucket_mb=0.01)
     layers = [m for m in model if isinstance(m, nn.Linear)]
     assert [set(map(id, bk.params)) for bk in b.buckets] == [
         {id(p) for p in m.parameters()} for m in reversed(layers)
@@ -45,7 +45,8 @@ def test_single_process_buckets_cover_every_gradient() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
     reduced = []
-    b = GradBuckets(model, 1, lambda t, label: reduced.append(label), bucket_mb=0.01, first_bucket_mb=0.001)
+    record = lambda t, label, idle: reduced.append(label)  # noqa: E731
+    b = GradBuckets(model, 1, record, bucket_mb=0.01, first_bucket_mb=0.001)
     assert len(b.buckets) >= 3 and b.buckets[0].params[0] is list(model.parameters())[-1]  # reverse order
     b.zero_grad()
     model(torch.randn(4, 8)).sum().backward()

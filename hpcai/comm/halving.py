@@ -25,6 +25,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcai.comm._dtypes import ElementKind
+from hpcai.comm._wait import Idle, wait_all, wait_request
 
 
 def is_power_of_two(p: int) -> bool:
@@ -32,12 +33,18 @@ def is_power_of_two(p: int) -> bool:
 
 
 def halving_steps(
-    arr: np.ndarray, kind: ElementKind, comm: MPI.Comm, tag: int, scratch: np.ndarray
+    arr: np.ndarray,
+    kind: ElementKind,
+    comm: MPI.Comm,
+    tag: int,
+    scratch: np.ndarray,
+    idle: Idle | None = None,
 ) -> Iterator[None]:
     """All-reduce flat ``arr`` in place over ``comm`` (power-of-two size); yield after each step.
 
     ``scratch`` holds at least ``(arr.size + 1) // 2`` elements of ``arr``'s dtype (the largest half).
     ``kind.finish`` (op "mean") is applied to the block this rank fully reduced, before the all-gather.
+    ``idle``: see ``hpcai.comm._wait``.
     """
     p, r = comm.Get_size(), comm.Get_rank()
     if not is_power_of_two(p):
@@ -58,15 +65,15 @@ def halving_steps(
             incoming = scratch[: k1 - k0]
             recv = comm.Irecv([incoming, mtype], partner, tag)
             send = comm.Isend([arr[s0:s1], mtype], partner, tag)
-            recv.Wait()
+            wait_request(recv, idle)
             reduce(arr[k0:k1], incoming)
-            send.Wait()
+            wait_request(send, idle)
             yield
         if kind.finish is not None:
             kind.finish(arr[lo:hi], p)  # [lo, hi) is the block kept at the last level: ours, fully reduced
         for partner, s0, s1, k0, k1 in reversed(levels):
             recv = comm.Irecv([arr[s0:s1], mtype], partner, tag)
-            MPI.Request.Waitall([recv, comm.Isend([arr[k0:k1], mtype], partner, tag)])
+            wait_all([recv, comm.Isend([arr[k0:k1], mtype], partner, tag)], idle)
             yield
     except BaseException:
         # Leave no receive writing into memory the caller is about to reuse; the collective is broken anyway.

@@ -46,6 +46,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcai.comm._dtypes import ElementKind, as_flat_array, element_kind
+from hpcai.comm._wait import Idle, wait_all, wait_request
 from hpcai.comm.halving import halving_steps, is_power_of_two
 
 # At or below this size: MPI_Allreduce. Measured on the 2-core dev box (float32, 2-3 ranks, MPICH 5.0.2): the
@@ -70,6 +71,7 @@ def choose_algorithm(nbytes: int, ranks: int) -> str:
 SEGMENT_BYTES = 1 << 20  # pipeline segment; 512 KiB-2 MiB measured alike, 128-256 KiB slower at 16-64 MiB
 _NUM_RECV_BUFFERS = 2  # receive buffers per in-flight all-reduce: one being reduced, one being filled
 _ALGORITHMS = ("auto", "ring", "halving", "mpi")
+_MEAN_FLOAT32 = element_kind("float32", "mean")  # 16-bit means on the MPI path divide in float32
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,7 +152,7 @@ def _schedule(p: int, r: int, n: int, seg: int) -> tuple[Segments, Messages]:
 
 
 def _ring_steps(
-    arr: np.ndarray, kind: ElementKind, comm: MPI.Comm, state: _CommState, seg_elems: int
+    arr: np.ndarray, kind: ElementKind, comm: MPI.Comm, state: _CommState, seg_elems: int, idle: Idle | None
 ) -> Iterator[None]:
     """Run the ring all-reduce on flat `arr`; yield after each incoming segment so callers can interleave."""
     p, r = comm.Get_size(), comm.Get_rank()
@@ -169,7 +171,7 @@ def _ring_steps(
         if j < p - 1:
             target = scratch[i % nbuf][:cnt]
         else:
-            MPI.Request.Waitall(sends[j + 1 - p])  # may not overwrite a region whose send is still in flight
+            wait_all(sends[j + 1 - p], idle)  # may not overwrite a region whose send is still in flight
             target = arr[off : off + cnt]
         recvs[i] = rcomm.Irecv([target, mtype], left, tag)
 
@@ -189,7 +191,7 @@ def _ring_steps(
                 post(k)
             if recvs[i] is None:
                 post(i)
-            recvs[i].Wait()
+            wait_request(recvs[i], idle)
             recvs[i] = None
             if j < p - 1:
                 reduce(arr[off : off + cnt], scratch[i % nbuf][:cnt])
@@ -199,7 +201,7 @@ def _ring_steps(
                 sends[j + 1].append(rcomm.Isend([arr[off : off + cnt], mtype], right, tag))
             yield
         for reqs in sends:
-            MPI.Request.Waitall(reqs)
+            wait_all(reqs, idle)
     except BaseException:
         # Leave no request writing into memory we are about to hand back; the collective is broken anyway.
         for req in recvs:
@@ -211,13 +213,15 @@ def _ring_steps(
         state.give_back(arr.dtype, seg_elems, scratch)
 
 
-def _halving(arr: np.ndarray, kind: ElementKind, comm: MPI.Comm, state: _CommState) -> Iterator[None]:
+def _halving(
+    arr: np.ndarray, kind: ElementKind, comm: MPI.Comm, state: _CommState, idle: Idle | None
+) -> Iterator[None]:
     """Recursive halving/doubling on the ring's private communicator, tag sequence and buffer pool."""
     tag = state.sequence % state.tag_limit
     state.sequence += 1
     half = (arr.size + 1) // 2
     (scratch,) = state.take_buffers(arr.dtype, half, 1)
-    yield from halving_steps(arr, kind, state.ring_comm, tag, scratch)
+    yield from halving_steps(arr, kind, state.ring_comm, tag, scratch, idle)
     state.give_back(arr.dtype, half, [scratch])
 
 
@@ -240,12 +244,14 @@ class AllreduceHandle:
         request: MPI.Request | None = None,
         widened: tuple[np.ndarray, np.ndarray] | None = None,
         finish: tuple[Any, np.ndarray, int] | None = None,
+        idle: Idle | None = None,
     ) -> None:
         self._buf = buf
         self._steps = steps
         self._request = request
         self._widened = widened  # (float32 copy being reduced by MPI, 16-bit destination) on the small path
         self._finish = finish  # (finisher, block, ranks) to apply after the MPI path's request completes
+        self._idle = idle
         self.done = steps is None and request is None
 
     def step(self) -> bool:
@@ -257,7 +263,7 @@ class AllreduceHandle:
                 return False
             self._steps = None
         if self._request is not None:
-            self._request.Wait()
+            wait_request(self._request, self._idle)
             self._request = None
             if self._finish is not None:
                 fn, block, ranks = self._finish
@@ -321,6 +327,7 @@ def ring_allreduce_start(
     *,
     algorithm: str = "auto",
     segment_bytes: int = SEGMENT_BYTES,
+    idle: Idle | None = None,
 ) -> AllreduceHandle:
     """Start an in-place all-reduce of `buf` over `comm` (see `ring_allreduce`); finish it with `.wait()`.
 
@@ -331,20 +338,20 @@ def ring_allreduce_start(
         return AllreduceHandle(buf)
     if path == "ring":
         seg_elems = max(1, segment_bytes // kind.itemsize)
-        steps = _ring_steps(arr, kind, comm, _comm_state(comm), seg_elems)
+        steps = _ring_steps(arr, kind, comm, _comm_state(comm), seg_elems, idle)
         next(steps)  # send our own chunk, post the first receive
         return AllreduceHandle(buf, steps=steps)
     if path == "halving":
-        return AllreduceHandle(buf, steps=_halving(arr, kind, comm, _comm_state(comm)))
+        return AllreduceHandle(buf, steps=_halving(arr, kind, comm, _comm_state(comm), idle))
     p = comm.Get_size()
     if kind.native:
         req = comm.Iallreduce(MPI.IN_PLACE, [arr, kind.mpi_type], kind.mpi_op)
-        return AllreduceHandle(buf, request=req, finish=kind.finish and (kind.finish, arr, p))
+        return AllreduceHandle(buf, request=req, finish=kind.finish and (kind.finish, arr, p), idle=idle)
     # MPI cannot add 16-bit floats: reduce a float32 copy, then round once; every rank rounds the same result.
     wide = _widen(arr, name)
     req = comm.Iallreduce(MPI.IN_PLACE, [wide, MPI.FLOAT], kind.mpi_op)
-    finish = kind.finish and (element_kind("float32", "mean").finish, wide, p)  # divide before rounding
-    return AllreduceHandle(buf, request=req, widened=(wide, arr), finish=finish)
+    finish = kind.finish and (_MEAN_FLOAT32.finish, wide, p)  # divide before rounding
+    return AllreduceHandle(buf, request=req, widened=(wide, arr), finish=finish, idle=idle)
 
 
 def ring_allreduce(
@@ -354,6 +361,7 @@ def ring_allreduce(
     *,
     algorithm: str = "auto",
     segment_bytes: int = SEGMENT_BYTES,
+    idle: Idle | None = None,
 ) -> Any:
     """Reduce `buf` in place across the ranks of `comm` and return it; the result equals MPI_Allreduce's.
 
@@ -366,11 +374,13 @@ def ring_allreduce(
         mid-size ones on 4, 8, 16... ranks, the ring above), or "ring", "halving" (power-of-two ranks only)
         or "mpi" to force one.
     segment_bytes: pipeline segment size of the ring.
+    idle: None to wait inside MPI (busy-polling), or a function called between MPI_Test polls while waiting
+        for a peer, e.g. a short sleep, for a thread that shares its core with computation.
     All ranks end with bit-identical results. Raises TypeError for an unsupported type or dtype, ValueError
     for non-contiguous or read-only input or an unknown op/algorithm.
     """
     arr, name, kind, path = _prepare(buf, comm, op, algorithm, segment_bytes)
-    if path == "mpi":
+    if path == "mpi" and idle is None:
         # Blocking MPI_Allreduce, not Iallreduce + Wait: MPICH's blocking algorithms are the faster ones here.
         if kind.native:
             comm.Allreduce(MPI.IN_PLACE, [arr, kind.mpi_type], kind.mpi_op)
@@ -380,9 +390,9 @@ def ring_allreduce(
             wide = _widen(arr, name)
             comm.Allreduce(MPI.IN_PLACE, [wide, MPI.FLOAT], kind.mpi_op)
             if kind.finish is not None:
-                np.divide(wide, np.float32(comm.Get_size()), out=wide)  # divide before rounding
+                _MEAN_FLOAT32.finish(wide, comm.Get_size())  # divide before rounding
             _narrow_into(arr, wide)
         return buf
     if path == "none":
         return buf
-    return ring_allreduce_start(buf, comm, op, algorithm=path, segment_bytes=segment_bytes).wait()
+    return ring_allreduce_start(buf, comm, op, algorithm=path, segment_bytes=segment_bytes, idle=idle).wait()

@@ -59,9 +59,9 @@ class DataParallel:
     def _watched(self, label: str):
         return self.watch.collective(label) if self.watch is not None else nullcontext()
 
-    def _allreduce_bucket(self, t: torch.Tensor, label: str) -> None:
+    def _allreduce_bucket(self, t: torch.Tensor, label: str, idle=None) -> None:
         with self._watched(label):
-            dp_comm.allreduce_mean_(t, self.topo.dp_comm)
+            dp_comm.allreduce_mean_(t, self.topo.dp_comm, idle)
 
     def train_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> torch.Tensor:
         """Forward/backward of this rank's share in ``grad_accum`` micro-batches; one all-reduce.

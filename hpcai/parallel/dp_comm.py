@@ -5,6 +5,8 @@ Buffer methods on contiguous tensors only (no pickling of data); the all-reduce 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from mpi4py import MPI
@@ -38,9 +40,13 @@ def allreduce_sum_(t: torch.Tensor | np.ndarray, comm: MPI.Comm) -> torch.Tensor
     return ring_allreduce(t, comm, op="sum")
 
 
-def allreduce_mean_(t: torch.Tensor | np.ndarray, comm: MPI.Comm) -> torch.Tensor | np.ndarray:
-    """Average ``t`` across the ranks of ``comm`` in place (the ring divides as it reduces: no extra pass)."""
-    return ring_allreduce(t, comm, op="mean")
+def allreduce_mean_(
+    t: torch.Tensor | np.ndarray, comm: MPI.Comm, idle: Callable[[], None] | None = None
+) -> torch.Tensor | np.ndarray:
+    """Average ``t`` across the ranks of ``comm`` in place (the ring divides as it reduces: no extra pass).
+
+    ``idle``: called between polls while waiting for a peer (see ``hpcai.comm._wait``)."""
+    return ring_allreduce(t, comm, op="mean", idle=idle)
 
 
 def allreduce_max_(a: np.ndarray, comm: MPI.Comm) -> np.ndarray:

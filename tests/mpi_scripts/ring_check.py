@@ -181,6 +181,20 @@ def main() -> int:
                 failures.append(f"algorithm='halving' on {q} ranks did not raise")
             except ValueError:
                 pass
+    # waits that poll MPI_Test and call idle() in between (the gradient thread during backward), every path
+    for algorithm in ("mpi", "ring") + (("halving",) if p & (p - 1) == 0 else ()):
+        for dtype in ("float32", "bfloat16"):
+            kind = "torch" if dtype == "bfloat16" else "numpy"
+            check(
+                WORLD,
+                70_001,
+                dtype,
+                "mean",
+                kind,
+                "world-idle",
+                algorithm=algorithm,
+                idle=lambda: None,
+            )
     # default segments, several per chunk: (ranks + 1) MiB of float32
     check(WORLD, (p + 1) * (1 << 18) + 3, "float32", "sum", "numpy", "world-big")
     # 2 MiB + 12 bytes, automatic choice: recursive halving on 4 ranks, MPI_Allreduce on 5, the ring below 4
