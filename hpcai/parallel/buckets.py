@@ -13,8 +13,8 @@ The communication thread is the only thread that calls MPI during backward (torc
 without the GIL, numpy's adds and mpi4py's waits release it, so both make progress). While backward runs it
 waits for peers by polling MPI_Test with a POLL_S sleep in between instead of blocking in MPI, which
 busy-polls: with one core per rank a spinning wait takes the core from backward. Measured on this 2-core box
-(2 ranks, 10.5M-parameter MLP, batch 64, `hpcai bench ddp`): exposed communication 13.6-15.2% -> 5.7-12.2%
-of the step (rank mean), 10.4-10.9% -> 3.3-4.2% for the slowest rank. Once backward has ended it spins.
+(2 ranks, 10.5M-parameter MLP, batch 64, `hpcai bench ddp`, 3 runs each): exposed communication 15.7-18.6%
+-> 6.1-8.6% of the step (rank mean), 9.6-13.0% -> 3.2-4.0% for the slowest rank. Once backward ends it spins.
 
 Optional compression sends float16/bfloat16 on the wire: the bucket is rounded into a 16-bit buffer allocated
 once, reduced, and widened back into the float32 gradients.
