@@ -488,15 +488,13 @@ class CheckpointWriter:
 
     def fence(self) -> float:
         """Wait until the deferred arrays of the last ``save`` are copied (call it before they change);
-        return the seconds waited, which are added to ``last_block_s``."""
+        return the seconds waited: the caller adds them to that checkpoint's blocking time."""
         if self._snapped is None:
             return 0.0
         t0 = time.perf_counter()
         self._snapped.wait()
         self._snapped = None
-        waited = time.perf_counter() - t0
-        self.last_block_s += waited
-        return waited
+        return time.perf_counter() - t0
 
     def _snapshot_and_persist(
         self,
