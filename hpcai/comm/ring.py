@@ -39,7 +39,7 @@ own messages.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -242,15 +242,13 @@ class AllreduceHandle:
         buf: Any,
         steps: Iterator[None] | None = None,
         request: MPI.Request | None = None,
-        widened: tuple[np.ndarray, np.ndarray] | None = None,
-        finish: tuple[Any, np.ndarray, int] | None = None,
+        after: Callable[[], None] | None = None,
         idle: Idle | None = None,
     ) -> None:
         self._buf = buf
         self._steps = steps
         self._request = request
-        self._widened = widened  # (float32 copy being reduced by MPI, 16-bit destination) on the small path
-        self._finish = finish  # (finisher, block, ranks) to apply after the MPI path's request completes
+        self._after = after  # the MPI path's tail (_after_mpi), run once its request completes
         self._idle = idle
         self.done = steps is None and request is None
 
@@ -265,12 +263,8 @@ class AllreduceHandle:
         if self._request is not None:
             wait_request(self._request, self._idle)
             self._request = None
-            if self._finish is not None:
-                fn, block, ranks = self._finish
-                fn(block, ranks)
-            if self._widened is not None:
-                wide, dest = self._widened
-                _narrow_into(dest, wide)
+            if self._after is not None:
+                self._after()
         self.done = True
         return True
 
@@ -289,6 +283,27 @@ def _narrow_into(dest: np.ndarray, wide: np.ndarray) -> None:
         import torch
 
         torch.from_numpy(dest).view(torch.bfloat16).copy_(torch.from_numpy(wide))  # round to nearest even
+
+
+def _mpi_operand(kind: ElementKind, arr: np.ndarray, name: str) -> tuple[np.ndarray | None, list]:
+    """What MPI reduces on the MPI path: ``arr`` itself, or, since MPI cannot add 16-bit floats, a float32
+    copy ``wide`` that ``_after_mpi`` rounds back once (every rank rounds the same result)."""
+    if kind.native:
+        return None, [arr, kind.mpi_type]
+    wide = _widen(arr, name)
+    return wide, [wide, MPI.FLOAT]
+
+
+def _after_mpi(kind: ElementKind, arr: np.ndarray, wide: np.ndarray | None, ranks: int) -> None:
+    """The MPI path's tail once MPI has summed: "mean" divides (16-bit: the float32 copy, before it is
+    rounded, so the result is rounded once), and a 16-bit result is rounded back into ``arr``."""
+    if wide is None:
+        if kind.finish is not None:
+            kind.finish(arr, ranks)
+        return
+    if kind.finish is not None:
+        _MEAN_FLOAT32.finish(wide, ranks)
+    _narrow_into(arr, wide)
 
 
 def _widen(arr: np.ndarray, name: str) -> np.ndarray:
@@ -343,15 +358,10 @@ def ring_allreduce_start(
         return AllreduceHandle(buf, steps=steps)
     if path == "halving":
         return AllreduceHandle(buf, steps=_halving(arr, kind, comm, _comm_state(comm), idle))
-    p = comm.Get_size()
-    if kind.native:
-        req = comm.Iallreduce(MPI.IN_PLACE, [arr, kind.mpi_type], kind.mpi_op)
-        return AllreduceHandle(buf, request=req, finish=kind.finish and (kind.finish, arr, p), idle=idle)
-    # MPI cannot add 16-bit floats: reduce a float32 copy, then round once; every rank rounds the same result.
-    wide = _widen(arr, name)
-    req = comm.Iallreduce(MPI.IN_PLACE, [wide, MPI.FLOAT], kind.mpi_op)
-    finish = kind.finish and (_MEAN_FLOAT32.finish, wide, p)  # divide before rounding
-    return AllreduceHandle(buf, request=req, widened=(wide, arr), finish=finish, idle=idle)
+    wide, operand = _mpi_operand(kind, arr, name)
+    req = comm.Iallreduce(MPI.IN_PLACE, operand, kind.mpi_op)
+    after = functools.partial(_after_mpi, kind, arr, wide, comm.Get_size())
+    return AllreduceHandle(buf, request=req, after=after, idle=idle)
 
 
 def ring_allreduce(
@@ -382,16 +392,9 @@ def ring_allreduce(
     arr, name, kind, path = _prepare(buf, comm, op, algorithm, segment_bytes)
     if path == "mpi" and idle is None:
         # Blocking MPI_Allreduce, not Iallreduce + Wait: MPICH's blocking algorithms are the faster ones here.
-        if kind.native:
-            comm.Allreduce(MPI.IN_PLACE, [arr, kind.mpi_type], kind.mpi_op)
-            if kind.finish is not None:
-                kind.finish(arr, comm.Get_size())
-        else:  # 16-bit floats: through float32, rounded once (see ring_allreduce_start)
-            wide = _widen(arr, name)
-            comm.Allreduce(MPI.IN_PLACE, [wide, MPI.FLOAT], kind.mpi_op)
-            if kind.finish is not None:
-                _MEAN_FLOAT32.finish(wide, comm.Get_size())  # divide before rounding
-            _narrow_into(arr, wide)
+        wide, operand = _mpi_operand(kind, arr, name)
+        comm.Allreduce(MPI.IN_PLACE, operand, kind.mpi_op)
+        _after_mpi(kind, arr, wide, comm.Get_size())
         return buf
     if path == "none":
         return buf
