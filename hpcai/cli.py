@@ -10,6 +10,7 @@ hpcai bench io /tmp/x --json io.json
 hpcai bench allreduce -n 2 --sizes 64KiB,4MiB --json ar.json
 hpcai run jobs/digits_pipeline.toml --trace runs/trace.json   # 2 pipeline stages; Perfetto trace + PNG
 hpcai bench memory --json mem.json         # activation memory: none/recompute/offload, GPipe vs 1F1B
+hpcai bench bubble --json bubble.json      # pipeline bubble vs (S-1)/(m+S-1), S = 2, 4 x m = 4, 8, 16
 hpcai bench train jobs/digits.toml --target test_accuracy=0.97 --runs 5 -n 1,2 --json ttt.json --plot ttt.png
 hpcai predict runs/digits --data data/digits --out preds.h5 -n 2
 hpcai render jobs/digits.toml --cluster local          # the sbatch script (hpcai/slurm_cli.py has more)
@@ -32,7 +33,19 @@ from hpcai import slurm_cli, sweep_cli
 from hpcai.errors import UserError
 
 # Each is hpcai/bench/<name>.py with main(argv) -> int.
-BENCHES = ["allreduce", "checkpoint", "ddp", "hardware", "io", "memory", "model", "ps", "search", "train"]
+BENCHES = [
+    "allreduce",
+    "bubble",
+    "checkpoint",
+    "ddp",
+    "hardware",
+    "io",
+    "memory",
+    "model",
+    "ps",
+    "search",
+    "train",
+]
 
 
 class _Parser(argparse.ArgumentParser):
