@@ -13,6 +13,11 @@ The zoo, chosen by ``model.name`` (each an ``nn.Sequential`` of blocks, so a pip
   Input (B, T) int64 tokens, output logits (B, V, T) -- vocabulary on dim 1, so ``nn.CrossEntropyLoss``
   takes targets (B, T) and ``argmax(1)`` is the predicted next token at every position.
 
+Initial values: each top-level block of a built-in model is initialised by its layers' own
+``reset_parameters`` from its own seed, ``block_seed(train.seed, i)``: a block's values do not depend on the
+blocks before it, so a pipeline rank can build its stage alone, from a meta-device skeleton of the whole
+model (:func:`model_skeleton`, :func:`materialize`), and hold exactly what one-process training starts from.
+
 A user model: ``model.factory = "path/to/file.py:make_model"`` in the job spec; ``make_model(**model.args)``
 must return a ``torch.nn.Module`` mapping a batch ``(B, *sample_shape)`` to logits ``(B, num_classes)``.
 If its signature names ``input_shape`` or ``num_classes`` they are passed from the dataset's manifest.
@@ -25,6 +30,7 @@ import inspect
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -195,22 +201,23 @@ def load_factory(ref: str):
     return fn
 
 
-def build_model(cfg: ModelSection, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """The job's model, on the CPU, with parameters from the current torch RNG state."""
-    if cfg.factory:
-        fn = load_factory(cfg.factory)
-        kwargs = dict(cfg.args)
-        params = inspect.signature(fn).parameters
-        if "input_shape" in params:
-            kwargs["input_shape"] = tuple(input_shape)
-        if "num_classes" in params:
-            kwargs["num_classes"] = num_classes
-        model = fn(**kwargs)
-        if not isinstance(model, nn.Module):
-            raise SpecError(
-                f"model.factory: {cfg.factory} returned {type(model).__name__}, not a torch nn.Module"
-            )
-        return model
+def _from_factory(cfg: ModelSection, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    fn = load_factory(cfg.factory)
+    kwargs = dict(cfg.args)
+    params = inspect.signature(fn).parameters
+    if "input_shape" in params:
+        kwargs["input_shape"] = tuple(input_shape)
+    if "num_classes" in params:
+        kwargs["num_classes"] = num_classes
+    model = fn(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise SpecError(
+            f"model.factory: {cfg.factory} returned {type(model).__name__}, not a torch nn.Module"
+        )
+    return model
+
+
+def _zoo(cfg: ModelSection, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
     if cfg.name == "mlp":
         return mlp(input_shape, num_classes, cfg.hidden)
     if cfg.name == "resnet":
@@ -218,3 +225,63 @@ def build_model(cfg: ModelSection, input_shape: tuple[int, ...], num_classes: in
     if cfg.name == "transformer":
         return transformer(input_shape, num_classes, cfg.d_model, cfg.layers, cfg.heads)
     return cnn(input_shape, num_classes, cfg.channels)
+
+
+# ------------------------------------------------------------------------------------------- building
+
+
+def block_seed(seed: int, index: int) -> int:
+    """The seed of top-level block ``index`` of a built-in model under ``train.seed = seed``."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+
+
+def init_block(block: nn.Module, seed: int) -> None:
+    """Initialise every parameter and buffer of ``block`` with its modules' own ``reset_parameters`` (the
+    values their constructors would draw), from ``seed``; the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in block.modules():
+            own = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+            if not own:
+                continue
+            reset = getattr(m, "reset_parameters", None)
+            if reset is None:  # a built-in model must not hold state that nothing here can initialise
+                raise TypeError(f"{type(m).__name__} holds parameters but has no reset_parameters()")
+            reset()
+
+
+def model_skeleton(cfg: ModelSection, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential | None:
+    """A built-in model on the meta device: its structure, shapes and parameter counts, no storage (a pipeline
+    stage allocates only its own blocks from it: :func:`materialize`). None for a user's factory."""
+    if cfg.factory:
+        return None
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return _zoo(cfg, input_shape, num_classes)
+
+
+def materialize(model: nn.Sequential, indices: range, seed: int) -> None:
+    """Give blocks ``indices`` of a skeleton CPU storage and their initial values, each from its own seed:
+    a block's values do not depend on which other blocks exist, so a pipeline stage built alone holds exactly
+    what the whole model built by :func:`build_model` holds there."""
+    for i in indices:
+        model[i].to_empty(device="cpu")
+        init_block(model[i], block_seed(seed, i))
+
+
+def build_model(
+    cfg: ModelSection, input_shape: tuple[int, ...], num_classes: int, seed: int = 0
+) -> nn.Module:
+    """The job's whole model on the CPU.
+
+    Built-in models: every top-level block initialised from ``block_seed(seed, i)``. A user's factory runs
+    once with the torch RNG seeded with ``seed`` (its constructors draw what they like, in their order); the
+    global RNG is left as it was either way.
+    """
+    if cfg.factory:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return _from_factory(cfg, input_shape, num_classes)
+    model = model_skeleton(cfg, input_shape, num_classes)
+    assert model is not None
+    materialize(model, range(len(model)), seed)
+    return model

@@ -113,7 +113,7 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
     from hpcai import checkpoint as ckpt
     from hpcai.data.loader import BatchLoader
     from hpcai.data.shards import ShardedDataset
-    from hpcai.models import build_model
+    from hpcai.models import build_model, model_skeleton
     from hpcai.parallel.data_parallel import DataParallel
     from hpcai.report import Reporter, rank_logger, versions, write_run_outputs
     from hpcai.train import FailureInjection, Trainer, total_steps
@@ -153,14 +153,20 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
     random.seed(f"{spec.train.seed}:{topo.rank}")
     np.random.seed([spec.train.seed, topo.rank])
     data = ShardedDataset(spec.data.path)
-    model = build_model(spec.model, data.sample_shape, data.num_classes)
-    n_params = sum(p.numel() for p in model.parameters())
     if spec.train.strategy == "pipeline":
         from hpcai.parallel.pipeline_parallel import apply_pipeline_parallel
 
+        # A built-in model comes as a meta-device skeleton: this rank allocates its own stage's blocks only.
+        whole = model_skeleton(spec.model, data.sample_shape, data.num_classes) or build_model(
+            spec.model, data.sample_shape, data.num_classes, seed=spec.train.seed
+        )
+        n_params = sum(p.numel() for p in whole.parameters())
         example = torch.from_numpy(data.splits["train"].read(np.arange(2))[0])
-        model, strategy = apply_pipeline_parallel(model, topo, spec.parallel, example)  # this rank's stage
+        model, strategy = apply_pipeline_parallel(whole, topo, spec.parallel, example, spec.train.seed)
+        del whole
     else:
+        model = build_model(spec.model, data.sample_shape, data.num_classes, seed=spec.train.seed)
+        n_params = sum(p.numel() for p in model.parameters())
         model = model.to(_device(spec, topo))
         strategy = DataParallel(topo, grad_accum=spec.train.grad_accum, comm=spec.comm)
     loader = BatchLoader(

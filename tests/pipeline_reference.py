@@ -41,7 +41,7 @@ def reference_run(spec: JobSpec) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Per-step losses and final state_dict of one-process, full-batch training of ``spec``."""
     torch.manual_seed(spec.train.seed)
     data = ShardedDataset(spec.data.path)
-    model = build_model(spec.model, data.sample_shape, data.num_classes)
+    model = build_model(spec.model, data.sample_shape, data.num_classes, seed=spec.train.seed)
     loader = BatchLoader(data.splits["train"], spec.train.batch_size, 0, 1, spec.train.seed, prefetch=0)
     opt = make_optimizer(model, spec.train)
     n = total_steps(spec.train, loader.steps_per_epoch)

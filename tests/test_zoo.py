@@ -17,7 +17,7 @@ from hpcai.data.shards import ShardedDataset
 from hpcai.data.synthetic import parse_source, synthetic_tokens, text_windows
 from hpcai.errors import DatasetError, SpecError
 from hpcai.launch import find_mpiexec
-from hpcai.models import build_model
+from hpcai.models import build_model, init_block, materialize, model_skeleton
 from hpcai.spec import ModelSection, load_spec
 from hpcai.train import evaluate
 from tests.conftest import ROOT, cli_env
@@ -48,6 +48,57 @@ def test_zoo_models_are_sequential_with_the_right_output(name, shape, kw, out) -
     # The loss the strategy uses works as is: targets (B,) or (B, T).
     y = torch.randint(0, 10, out[:1] + out[2:])
     nn.CrossEntropyLoss()(logits, y).backward()
+
+
+ZOO = [
+    ("mlp", (1, 8, 8), {"hidden": [16, 16, 16]}),
+    ("cnn", (3, 16, 16), {}),
+    ("resnet", (3, 16, 16), {"channels": [8, 16], "blocks": 1}),
+    ("transformer", (12,), {"d_model": 16, "layers": 2, "heads": 2}),
+]
+
+
+@pytest.mark.parametrize("name, shape, kw", ZOO)
+def test_a_stage_built_alone_holds_what_the_whole_model_holds_there(name, shape, kw) -> None:
+    """A pipeline rank materialises only its blocks of the meta skeleton; they equal the whole model's."""
+    cfg = ModelSection(name=name, **kw)
+    whole = build_model(cfg, shape, 10, seed=7)
+    skeleton = model_skeleton(cfg, shape, 10)
+    assert all(t.is_meta for t in [*skeleton.parameters(), *skeleton.buffers()])  # no storage at all
+    lo, hi = 1, len(skeleton) - 1  # a middle stage
+    materialize(skeleton, range(lo, hi), seed=7)
+    built = {k: v for k, v in skeleton.state_dict().items() if not v.is_meta}
+    expected = {k: v for k, v in whole.state_dict().items() if lo <= int(k.split(".")[0]) < hi}
+    assert built.keys() == expected.keys() and built
+    assert all(torch.equal(built[k], expected[k]) for k in built)
+    assert all(t.is_meta for i in (0, len(skeleton) - 1) for t in skeleton[i].parameters())  # never built
+
+
+def test_block_initialisation_depends_on_the_seed_and_the_block_not_the_global_rng() -> None:
+    cfg = ModelSection(name="mlp", hidden=[16, 16])
+    torch.manual_seed(1)
+    a = build_model(cfg, (1, 8, 8), 10, seed=3)
+    after = torch.rand(1)  # building left the global generator where the caller put it
+    torch.manual_seed(2)
+    b = build_model(cfg, (1, 8, 8), 10, seed=3)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(1), after)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    c = build_model(cfg, (1, 8, 8), 10, seed=4)
+    assert not torch.equal(a[1].weight, c[1].weight)
+    assert not torch.equal(a[1].weight[:, :16], a[3].weight[:, :16])  # blocks draw from their own seeds
+    # Same distribution as the layer's own constructor: kaiming-uniform bound 1/sqrt(fan_in) for the bias.
+    assert a[1].bias.abs().max() <= 1 / 64**0.5
+
+
+def test_a_module_holding_parameters_without_reset_parameters_is_refused() -> None:
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+    with pytest.raises(TypeError, match="Scale holds parameters but has no reset_parameters"):
+        init_block(nn.Sequential(nn.Linear(3, 3), Scale()), seed=0)
 
 
 def test_cnn_pools_only_images_larger_than_8x8() -> None:

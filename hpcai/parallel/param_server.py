@@ -329,7 +329,7 @@ def train_ps(spec: JobSpec, topo, t0: float) -> dict | None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.manual_seed(spec.train.seed)
     data = ShardedDataset(spec.data.path)
-    model = build_model(spec.model, data.sample_shape, data.num_classes)
+    model = build_model(spec.model, data.sample_shape, data.num_classes, seed=spec.train.seed)
     flat, grad = flatten_model(model)
     ps_comm.bcast_(flat.numpy(), topo.ps_comm)  # rank 0's initial parameters everywhere (all ranks alive)
     sizes = [p.numel() for p in model.parameters() if p.requires_grad]

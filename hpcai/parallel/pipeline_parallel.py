@@ -27,6 +27,7 @@ from torch import nn
 from hpcai import checkpoint as ckpt
 from hpcai.data.loader import shard_range
 from hpcai.errors import UserError
+from hpcai.models import materialize
 from hpcai.parallel import dp_comm, pipeline_comm
 from hpcai.parallel.data_parallel import DataParallel
 from hpcai.parallel.partition import as_sequential, param_offsets, stage_bounds, stage_module
@@ -325,18 +326,23 @@ class PipelineParallel:
 
 
 def apply_pipeline_parallel(
-    model: nn.Module | list[nn.Module], topo: Topology, cfg: ParallelSection, example: torch.Tensor
+    model: nn.Module | list[nn.Module], topo: Topology, cfg: ParallelSection, example: torch.Tensor, seed: int
 ) -> tuple[nn.Sequential, PipelineParallel]:
     """This rank's stage of ``model`` and the strategy that runs it.
 
-    Every rank builds the whole model on the CPU first (same seed everywhere), so each stage starts from
-    exactly the parameters one-process training would have — the RNG draws of the other stages' layers cannot
-    be skipped without changing them. The caller drops its reference to the whole model afterwards: the
-    other stages' layers are then freed, and only the stage stays in memory.
+    ``model`` is either a skeleton on the meta device (a built-in model, ``models.model_skeleton``): then this
+    rank allocates and initialises only its stage's blocks, each from its own seed, which are exactly the
+    values ``models.build_model(..., seed)`` gives the whole model (one-process training starts from them
+    too); the other stages' layers never take memory here. Or a whole model on the CPU (a user's factory,
+    whose constructor may initialise as it likes): the caller drops its reference afterwards, and the other
+    stages' layers are freed.
     """
     seq = as_sequential(model)
     bounds = stage_bounds(seq, topo.pp_size, cfg.split)
     offsets = param_offsets(seq, bounds)
+    lo, hi = bounds[topo.pp_rank], bounds[topo.pp_rank + 1]
+    if any(t.is_meta for t in [*seq[lo:hi].parameters(), *seq[lo:hi].buffers()]):
+        materialize(seq, range(lo, hi), seed)
     stage = stage_module(seq, bounds, topo.pp_rank)
     return stage, PipelineParallel(topo, cfg, bounds, offsets, example)
 
