@@ -30,7 +30,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,11 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
+from hpcai.bench.pipeline_runs import hidden_list, run_pipeline_job
 from hpcai.errors import UserError
 
-BLOCKS = (
-    8  # --compute fixed: FixedCost blocks, at top-level indices 2..9 (Flatten and the input Linear first)
-)
+# --compute fixed: FixedCost blocks, at top-level indices 2..9 (after Flatten and the input Linear)
+BLOCKS = 8
 
 
 def _ints(text: str, flag: str, low: int) -> list[int]:
@@ -55,23 +54,10 @@ def _ints(text: str, flag: str, low: int) -> list[int]:
     return values
 
 
-def _hidden(text: str) -> str:
-    """``1024x9`` or ``512,512`` -> a TOML list."""
-    try:
-        if "x" in text:
-            width, depth = text.split("x")
-            widths = [int(width)] * int(depth)
-        else:
-            widths = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise UserError(f"--hidden: expected WIDTHxDEPTH or a comma list of widths, got {text!r}") from None
-    return "[" + ", ".join(map(str, widths)) + "]"
-
-
 def model_sets(args: argparse.Namespace, stages: int) -> list[str]:
     """The ``--set`` overrides that choose the stages' model and its cut."""
     if args.compute == "mlp":
-        return ["parallel.split=params", f"model.hidden={_hidden(args.hidden)}"]
+        return ["parallel.split=params", f"model.hidden={hidden_list(args.hidden)}"]
     factory = f"{Path(__file__).resolve().with_name('fixed_cost.py')}:make_model"
     fields = f'blocks = {BLOCKS}, us_per_sample = {args.us_per_sample}, how = "{args.how}"'
     return [
@@ -82,28 +68,14 @@ def model_sets(args: argparse.Namespace, stages: int) -> list[str]:
 
 
 def run_cell(tmp: Path, args: argparse.Namespace, stages: int, micro: int) -> dict:
-    run_dir = tmp / f"s{stages}m{micro}"
     sets = [
         f"parallel.stages={stages}",
         f"parallel.micro_batches={micro}",
         f"parallel.schedule={args.schedule}",
         *model_sets(args, stages),
-        f"train.batch_size={args.batch}",
-        f"train.steps={args.steps}",
-        f"train.log_every={args.steps}",
-        f"data.path={json.dumps(args.data)}",
-        "checkpoint.final=false",
-        "checkpoint.every_seconds=0",
     ]
-    cmd = [sys.executable, "-m", "hpcai", "run", "jobs/digits_pipeline.toml", "-n", str(stages)]
-    cmd += ["--run-dir", str(run_dir), "--resume", "never"]
-    for s in sets:
-        cmd += ["--set", s]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HPCAI_TTY="0")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode:
-        raise RuntimeError(f"S={stages} m={micro} failed:\n{proc.stderr[-2000:]}")
-    summary = json.loads((run_dir / "summary.json").read_text())
+    run_dir = tmp / f"S{stages}-m{micro}"
+    summary = run_pipeline_job(run_dir, stages, sets, args.batch, args.steps, args.data)
     p = summary["pipeline"]
     return {
         "stages": stages,
@@ -236,7 +208,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             raise UserError(
                 f"--stages: --compute fixed has {BLOCKS} blocks, which {s} stages cannot share equally"
             )
-    _hidden(args.hidden)
+    hidden_list(args.hidden)
     return args
 
 

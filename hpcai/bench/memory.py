@@ -22,48 +22,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from hpcai.bench.pipeline_runs import hidden_list, run_pipeline_job
 from hpcai.errors import UserError
 
 MODES = {"none": [], "recompute": ["parallel.recompute=true"], "offload": ["parallel.offload=true"]}
 
 
-def _hidden(text: str) -> str:
-    """``1024x6`` or ``512,512`` -> a TOML list."""
-    if "x" in text:
-        width, depth = text.split("x")
-        return "[" + ", ".join([width] * int(depth)) + "]"
-    return "[" + text + "]"
-
-
 def run_one(tmp: Path, args: argparse.Namespace, schedule: str, mode: str) -> dict:
-    run_dir = tmp / f"{schedule}-{mode}"
     sets = [
         f"parallel.schedule={schedule}",
         f"parallel.stages={args.stages}",
         f"parallel.micro_batches={args.micro_batches}",
         "parallel.split=params",
-        f"model.hidden={_hidden(args.hidden)}",
-        f"train.batch_size={args.batch}",
-        f"train.steps={args.steps}",
-        f"train.log_every={args.steps}",
-        f"data.path={json.dumps(args.data)}",
-        "checkpoint.final=false",
-        "checkpoint.every_seconds=0",
+        f"model.hidden={hidden_list(args.hidden)}",
         *MODES[mode],
     ]
-    cmd = [sys.executable, "-m", "hpcai", "run", "jobs/digits_pipeline.toml", "-n", str(args.stages)]
-    cmd += ["--run-dir", str(run_dir), "--resume", "never"]
-    for s in sets:
-        cmd += ["--set", s]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if proc.returncode:
-        raise UserError(f"bench memory: {schedule}/{mode} failed:\n{proc.stderr[-2000:]}")
-    summary = json.loads((run_dir / "summary.json").read_text())
+    run_dir = tmp / f"{schedule}-{mode}"
+    try:
+        summary = run_pipeline_job(run_dir, args.stages, sets, args.batch, args.steps, args.data)
+    except RuntimeError as e:
+        raise UserError(f"bench memory: {e}") from None
     p = summary["pipeline"]
     mb = 1 << 20
     return {
