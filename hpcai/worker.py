@@ -162,7 +162,9 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
         )
         n_params = sum(p.numel() for p in whole.parameters())
         example = torch.from_numpy(data.splits["train"].read(np.arange(2))[0])
-        model, strategy = apply_pipeline_parallel(whole, topo, spec.parallel, example, spec.train.seed)
+        model, strategy = apply_pipeline_parallel(
+            whole, topo, spec.parallel, example, spec.train.seed, spec.comm
+        )
         del whole
     else:
         model = build_model(spec.model, data.sample_shape, data.num_classes, seed=spec.train.seed)

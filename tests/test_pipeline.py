@@ -8,10 +8,12 @@ stays near a minute and a half; the full 100-step check of the same comparison:
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_cli
 from tests.pipeline_reference import ROOT, compare, pipeline_sets, reference_run, run_pipeline
 
 STEPS = 20
@@ -89,3 +91,78 @@ def test_bubble_counts_a_later_stage_against_the_pipeline_step() -> None:
     assert [r["bubble_fraction"] for r in rows] == pytest.approx([0.2, 0.2, 0.25, 0.25])
     assert rows[1]["bubble_own_window"] == pytest.approx(1 / 13)
     assert bubble_theory(2, 4) == pytest.approx(0.2)
+
+
+NAPPING_STAGE = """
+import time
+from mpi4py import MPI
+from torch import nn
+
+class Nap(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+    def forward(self, x):
+        self.calls += self.training
+        if self.calls == 5 and MPI.COMM_WORLD.Get_rank() == 1:
+            time.sleep(SLEEP)  # stage 1 stops in the middle of step 1: stage 0 waits for a gradient
+        return x
+
+def make_model():
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), Nap(), nn.ReLU(), nn.Linear(32, 10)
+    )
+"""
+
+
+def _napping_run(tmp_path: Path, dataset: Path, sleep: float, *sets: str) -> tuple:
+    factory = tmp_path / "nap.py"
+    factory.write_text(NAPPING_STAGE.replace("SLEEP", str(sleep)))
+    run_dir = tmp_path / "run"
+    args = ["run", "jobs/digits_pipeline.toml", "--run-dir", str(run_dir), "--resume", "never"]
+    for kv in (
+        f"model.factory={json.dumps(f'{factory}:make_model')}",
+        "parallel.split=[3]",
+        f"data.path={json.dumps(str(dataset))}",
+        "train.steps=3",
+        "comm.stall_timeout_s=1.0",
+        *sets,
+    ):
+        args += ["--set", kv]
+    t0 = time.monotonic()
+    proc = run_cli(*args, timeout=150)
+    summary = run_dir / "summary.json"
+    return proc, time.monotonic() - t0, json.loads(summary.read_text()) if summary.exists() else None
+
+
+def test_a_stalled_pipeline_receive_names_the_stage_it_waits_for(
+    tmp_path: Path, digits_dataset: Path
+) -> None:
+    proc, _, summary = _napping_run(tmp_path, digits_dataset, 4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stderr.splitlines() if "stalled" in ln)
+    assert line.startswith("hpcai: rank 0: stalled ")
+    assert (
+        "waiting for the gradient of micro-batch" in line
+        and "from stage 1 (rank 1), this run's step 1" in line
+    )
+    assert summary["stalls"] == [line]
+
+
+def test_stall_abort_ends_a_pipeline_whose_stage_stopped(tmp_path: Path, digits_dataset: Path) -> None:
+    proc, seconds, summary = _napping_run(tmp_path, digits_dataset, 120, "comm.stall_abort=true")
+    assert proc.returncode == 3 and summary is None
+    assert "from stage 1 (rank 1)" in proc.stderr and "aborting the job (stall_abort)" in proc.stderr
+    assert seconds < 90  # ended by the abort, long before stage 1 wakes up
+
+
+def test_a_hung_stage_is_named_by_the_whole_job_collective(tmp_path: Path, digits_dataset: Path) -> None:
+    """Stage 1 hangs between steps: stage 0 waits in the per-step flag exchange, which names rank 1."""
+    args = ["run", "jobs/digits_pipeline.toml", "--run-dir", str(tmp_path / "run"), "--resume", "never"]
+    for kv in (f"data.path={json.dumps(str(digits_dataset))}", "train.steps=6", "comm.stall_timeout_s=1.0"):
+        args += ["--set", kv]
+    args += ["--set", "comm.stall_abort=true", "--inject-failure", "step=2,rank=1,how=hang"]
+    proc = run_cli(*args, timeout=150)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stderr.splitlines() if "stalled" in ln)
+    assert "(max of step flags): ranks 1 have not arrived" in line

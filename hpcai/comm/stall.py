@@ -40,13 +40,77 @@ from mpi4py import MPI
 from hpcai.comm.abort import abort_job
 
 
-class StallWatch:
+class WaitWatch:
+    """A watchdog thread that reports a wait lasting longer than ``timeout_s``, once per wait.
+
+    It needs no communicator (it reads this rank's own state; MPI only to abort): the pipeline's
+    point-to-point waits use it as is, collectives through :class:`StallWatch`.
+
+    The waiting thread marks the wait (``begin``/``end``, two stores: cheap enough for every pipeline
+    receive); the watchdog wakes every ``poll_s`` and, past the timeout, prints ``hpcai: rank R: stalled
+    T s <what>`` and with ``abort=True`` ends the whole job (MPI_Abort, exit 3). ``what`` is formatted only
+    then: a format string and its arguments, so a wait that ends in time costs no string building.
+    """
+
+    def __init__(self, rank: int, timeout_s: float, abort: bool = False, poll_s: float = 1.0):
+        self.rank, self.timeout_s, self.abort, self.poll_s = rank, timeout_s, abort, poll_s
+        self.seq = 0
+        self._current: tuple[int, str, tuple, float] | None = None  # (seq, format, args, start) while waiting
+        self._reported = 0
+        self.stalls: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="hpcai-stall-watch", daemon=True)
+        self._thread.start()
+
+    def begin(self, what: str, *args: object) -> None:
+        self.seq += 1
+        self._current = (self.seq, what, args, time.monotonic())
+
+    def end(self) -> None:
+        self._current = None
+
+    @contextmanager
+    def waiting(self, what: str, *args: object) -> Iterator[None]:
+        """``with watch.waiting("for the gradient of micro-batch {} from rank {}", mb, peer): req.Wait()``."""
+        self.begin(what, *args)
+        try:
+            yield
+        finally:
+            self.end()
+
+    def _message(self, seq: int, what: str, waited: float) -> tuple[str, bool]:
+        """The report of a stalled wait, and whether ``abort`` may end the job for it."""
+        return f"hpcai: rank {self.rank}: stalled {waited:.1f} s {what}", True
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            current = self._current
+            if current is None:
+                continue
+            seq, what, args, start = current
+            waited = time.monotonic() - start
+            if waited < self.timeout_s or seq <= self._reported:
+                continue
+            self._reported = seq
+            msg, may_abort = self._message(seq, what.format(*args), waited)
+            self.stalls.append(msg)
+            if self.abort and may_abort:
+                abort_job(f"{msg}\nhpcai: rank {self.rank}: aborting the job (stall_abort)", 3)
+            sys.stderr.write(msg + "\n")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        """Stop the watchdog (this rank only)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class StallWatch(WaitWatch):
     """Publish collective numbers and watch for stalls. Create it collectively (it allocates windows)."""
 
     def __init__(self, comm: MPI.Comm, timeout_s: float = 60.0, abort: bool = False, poll_s: float = 1.0):
         self.comm = comm.Dup()  # window traffic apart from the collectives it watches
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.timeout_s, self.abort, self.poll_s = timeout_s, abort, poll_s
         self.node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.shm = MPI.Win.Allocate_shared(8, 8, comm=self.node)  # one int64 per rank of this node
         node_size = self.node.Get_size()
@@ -62,24 +126,17 @@ class StallWatch:
         self._unified = self.win.Get_attr(MPI.WIN_MODEL) == MPI.WIN_UNIFIED
         self._publish(0)
         self.comm.Barrier()  # every slot is zeroed before anyone reads one
-        self.seq = 0
-        self._current: tuple[int, str, float] | None = None  # (seq, label, start) while inside a collective
-        self._reported = 0
-        self.stalls: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="hpcai-stall-watch", daemon=True)
-        self._thread.start()
+        super().__init__(self.rank, timeout_s, abort, poll_s)
 
     @contextmanager
     def collective(self, label: str) -> Iterator[None]:
         """Wrap one collective call: ``with watch.collective("all-reduce bucket 2, 25.0 MB"): ...``."""
-        self.seq += 1
-        self._publish(self.seq)
-        self._current = (self.seq, label, time.monotonic())
+        self._publish(self.seq + 1)
+        self.begin("{}", label)
         try:
             yield
         finally:
-            self._current = None
+            self.end()
 
     def _publish(self, seq: int) -> None:
         if self._unified:
@@ -102,34 +159,18 @@ class StallWatch:
             self.win.Unlock(r)
         return out
 
-    def _watch(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            current = self._current
-            if current is None:
-                continue
-            seq, label, start = current
-            waited = time.monotonic() - start
-            if waited < self.timeout_s or seq <= self._reported:
-                continue
-            self._reported = seq
-            counts = self.arrived()
-            late = [r for r in range(self.size) if counts[r] < seq]
-            where = ", ".join(f"rank {r} at #{counts[r]}" for r in late[:16])
-            msg = f"hpcai: rank {self.rank}: stalled {waited:.1f} s in collective #{seq} ({label}): " + (
-                f"ranks {', '.join(map(str, late))} have not arrived ({where})"
-                if late
-                else "all ranks arrived"
-            )
-            self.stalls.append(msg)
-            if self.abort and late:
-                abort_job(f"{msg}\nhpcai: rank {self.rank}: aborting the job (stall_abort)", 3)
-            sys.stderr.write(msg + "\n")
-            sys.stderr.flush()
+    def _message(self, seq: int, what: str, waited: float) -> tuple[str, bool]:
+        counts = self.arrived()
+        late = [r for r in range(self.size) if counts[r] < seq]
+        where = ", ".join(f"rank {r} at #{counts[r]}" for r in late[:16])
+        msg = f"hpcai: rank {self.rank}: stalled {waited:.1f} s in collective #{seq} ({what}): " + (
+            f"ranks {', '.join(map(str, late))} have not arrived ({where})" if late else "all ranks arrived"
+        )
+        return msg, bool(late)
 
     def close(self) -> None:
         """Collective: stop the watchdog and free the window."""
-        self._stop.set()
-        self._thread.join(timeout=5)
+        super().close()
         self.comm.Barrier()
         self.win.Free()
         self._local.clear()

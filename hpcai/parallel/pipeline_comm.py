@@ -16,9 +16,12 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from hpcai.comm.stall import WaitWatch
 from hpcai.parallel.pipeline_trace import RECV, SEND, Timeline
 
 TAG_FORWARD, TAG_BACKWARD, TAG_META, TAG_EVAL = 11, 12, 13, 14
+_RECV_STALL = "waiting for {} of micro-batch {} from stage {} (rank {}), this run's step {}"
+_SEND_STALL = "waiting for the neighbours (ranks {1}) to take this stage's sends of this run's step {0}"
 
 
 def numpy_dtype(dtype: torch.dtype) -> np.dtype:
@@ -31,11 +34,16 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
 class PipelineComm:
     """Point-to-point traffic of one stage with its neighbours on ``pp_comm`` (ranks ordered by stage)."""
 
-    def __init__(self, pp_comm: MPI.Comm, timeline: Timeline):
-        self.comm, self.tl = pp_comm, timeline
+    def __init__(self, pp_comm: MPI.Comm, timeline: Timeline, watch: WaitWatch | None = None):
+        self.comm, self.tl, self.watch = pp_comm, timeline, watch
         self.stage, self.stages = pp_comm.Get_rank(), pp_comm.Get_size()
         self.prev = self.stage - 1 if self.stage > 0 else None
         self.next = self.stage + 1 if self.stage < self.stages - 1 else None
+        # Stage -> world rank, for stall reports that name the rank a wait is stuck on.
+        self.world_ranks = MPI.Group.Translate_ranks(
+            pp_comm.Get_group(), list(range(self.stages)), MPI.COMM_WORLD.Get_group()
+        )
+        self.step = 0  # set by the caller: stall reports name the step
         self._pending: list[MPI.Request] = []
         self.recv_fwd: list[np.ndarray] = []  # activations in, per micro-batch (stages > 0)
         self.send_fwd: list[np.ndarray] = []  # activations out (stages < last)
@@ -63,7 +71,14 @@ class PipelineComm:
     # ------------------------------------------------------------------------------- the four moves
     def _recv(self, buf: np.ndarray, source: int, tag: int, mb: int) -> torch.Tensor:
         with self.tl.span(RECV, mb):
-            self.comm.Irecv(buf, source=source, tag=tag).Wait()
+            req = self.comm.Irecv(buf, source=source, tag=tag)
+            if self.watch is None:
+                req.Wait()
+            else:
+                what = "the activation" if tag == TAG_FORWARD else "the gradient"
+                self.watch.begin(_RECV_STALL, what, mb, source, self.world_ranks[source], self.step)
+                req.Wait()
+                self.watch.end()
         return torch.from_numpy(buf)
 
     def _send(self, t: torch.Tensor, buf: np.ndarray, dest: int, tag: int, mb: int) -> None:
@@ -86,7 +101,14 @@ class PipelineComm:
     def wait_sends(self) -> None:
         """Complete this step's sends (their buffers are reused next step)."""
         with self.tl.span(SEND):
-            MPI.Request.Waitall(self._pending)
+            if self.watch is None:
+                MPI.Request.Waitall(self._pending)
+            else:
+                peers = [r for r in (self.prev, self.next) if r is not None]
+                ranks = ", ".join(str(self.world_ranks[r]) for r in peers)
+                self.watch.begin(_SEND_STALL, self.step, ranks)
+                MPI.Request.Waitall(self._pending)
+                self.watch.end()
         self._pending = []
 
     # ------------------------------------------------------------------------------- evaluation

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import resource
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from hpcai import checkpoint as ckpt
+from hpcai.comm.stall import StallWatch, WaitWatch
 from hpcai.data.loader import shard_range
 from hpcai.errors import UserError
 from hpcai.models import materialize
@@ -43,7 +45,7 @@ from hpcai.parallel.pipeline_trace import (
     write_trace,
 )
 from hpcai.parallel.schedules import SCHEDULES
-from hpcai.spec import ParallelSection
+from hpcai.spec import CommSection, ParallelSection
 from hpcai.topology import Topology
 
 
@@ -62,6 +64,7 @@ class PipelineParallel:
         bounds: list[int],
         offsets: list[int],
         example: torch.Tensor,
+        comm: CommSection | None = None,
     ):
         self.topo, self.cfg, self.bounds, self.offsets = topo, cfg, bounds, offsets
         self.world_size, self.rank, self.is_root = topo.world_size, topo.rank, topo.is_root
@@ -69,9 +72,21 @@ class PipelineParallel:
         self.micro_batches = cfg.micro_batches
         self.schedule = SCHEDULES[cfg.schedule]
         self.tl = Timeline()
-        self.comm = PipelineComm(topo.pp_comm, self.tl)
+        # comm.stall_timeout_s / stall_abort watch the pipeline's receives as they watch collectives: a
+        # neighbour that stops (stuck I/O, a hung node) is named instead of the pipeline waiting forever.
+        stall = comm or CommSection()
+        on = stall.stall_timeout_s > 0
+        self.watch = WaitWatch(topo.rank, stall.stall_timeout_s, stall.stall_abort) if on else None
+        # The whole job's small collectives (step flags, metrics) name the ranks that have not arrived.
+        self.job_watch = (
+            StallWatch(topo.job_comm, stall.stall_timeout_s, stall.stall_abort)
+            if on and self.world_size > 1
+            else None
+        )
+        self.comm = PipelineComm(topo.pp_comm, self.tl, self.watch)
         # The stage's replicas on dp_comm: broadcast, flat gradient buffers, ring all-reduce.
-        self.dp = DataParallel(topo)
+        stall_only = CommSection(stall_timeout_s=stall.stall_timeout_s, stall_abort=stall.stall_abort)
+        self.dp = DataParallel(topo, comm=stall_only)
         self.example = example
         self.in_sample: tuple[tuple[int, ...], torch.dtype] | None = None  # per-sample shape, dtype in
         self.out_sample: tuple[tuple[int, ...], torch.dtype] | None = None
@@ -133,6 +148,7 @@ class PipelineParallel:
         with self.tl.span(STEP):
             self._allocate(len(x) // self.micro_batches)
             self.dp.zero_grad()
+            self.comm.step = self._steps + 1
             self.stage.begin(x, y, self.micro_batches, loss_fn)
             self.schedule(self.stage, self.micro_batches)
             self.comm.wait_sends()
@@ -170,20 +186,26 @@ class PipelineParallel:
         return float(counts[0]) / max(1, int(counts[1]))
 
     # ------------------------------------------------------------------------------- whole-job collectives
+    def _watched(self, label: str):
+        return self.job_watch.collective(label) if self.job_watch is not None else nullcontext()
+
     def sum(self, values: np.ndarray) -> np.ndarray:
         values = np.ascontiguousarray(values)
         if self.world_size > 1:
-            dp_comm.allreduce_sum_(values, self.topo.job_comm)
+            with self._watched("sum of metrics"):
+                dp_comm.allreduce_sum_(values, self.topo.job_comm)
         return values
 
     def max(self, values: np.ndarray) -> np.ndarray:
         values = np.ascontiguousarray(values)
         if self.world_size > 1:
-            dp_comm.allreduce_max_(values, self.topo.job_comm)
+            with self._watched("max of step flags"):
+                dp_comm.allreduce_max_(values, self.topo.job_comm)
         return values
 
     def gather(self, values: np.ndarray) -> np.ndarray | None:
-        return dp_comm.gather_rows(np.ascontiguousarray(values), self.topo.job_comm)
+        with self._watched("gather of per-rank figures"):
+            return dp_comm.gather_rows(np.ascontiguousarray(values), self.topo.job_comm)
 
     def params_digest(self, model: nn.Module) -> list[str] | None:
         """SHA-256 of this rank's stage, per world rank on rank 0 (a stage's replicas must agree)."""
@@ -256,6 +278,19 @@ class PipelineParallel:
         )
         ckpt.unpack_state(ckpt.Payload(arrays=arrays, attrs=attrs), model, optimizer, scheduler)
 
+    def stats(self) -> dict[str, Any]:
+        """For summary.json: this rank's stall reports (pipeline waits and the replicas' all-reduces)."""
+        watches = [w for w in (self.watch, self.job_watch, self.dp.watch) if w is not None]
+        return {"stalls": [msg for w in watches for msg in w.stalls]}
+
+    def close(self) -> None:
+        """Collective: the stall watches free their windows."""
+        if self.watch is not None:
+            self.watch.close()
+        if self.job_watch is not None:
+            self.job_watch.close()
+        self.dp.close()
+
     # ------------------------------------------------------------------------------- reports
     def report(self) -> dict[str, Any] | None:
         """Collective: bubble, memory and timing of every rank, as summary.json's ``pipeline`` (rank 0)."""
@@ -326,7 +361,12 @@ class PipelineParallel:
 
 
 def apply_pipeline_parallel(
-    model: nn.Module | list[nn.Module], topo: Topology, cfg: ParallelSection, example: torch.Tensor, seed: int
+    model: nn.Module | list[nn.Module],
+    topo: Topology,
+    cfg: ParallelSection,
+    example: torch.Tensor,
+    seed: int,
+    comm: CommSection | None = None,
 ) -> tuple[nn.Sequential, PipelineParallel]:
     """This rank's stage of ``model`` and the strategy that runs it.
 
@@ -344,7 +384,7 @@ def apply_pipeline_parallel(
     if any(t.is_meta for t in [*seq[lo:hi].parameters(), *seq[lo:hi].buffers()]):
         materialize(seq, range(lo, hi), seed)
     stage = stage_module(seq, bounds, topo.pp_rank)
-    return stage, PipelineParallel(topo, cfg, bounds, offsets, example)
+    return stage, PipelineParallel(topo, cfg, bounds, offsets, example, comm)
 
 
 _INT_KEYS = {"stage", "replica", "max_in_flight", "peak_activation_bytes", "offloaded_bytes"}
