@@ -166,3 +166,18 @@ def test_a_hung_stage_is_named_by_the_whole_job_collective(tmp_path: Path, digit
     assert proc.returncode == 3, proc.stderr[-3000:]
     line = next(ln for ln in proc.stderr.splitlines() if "stalled" in ln)
     assert "(max of step flags): ranks 1 have not arrived" in line
+
+
+def test_pipeline_scores_a_language_model_per_token_like_one_process(tmp_path: Path) -> None:
+    """The last stage counts every target token (B x T), as train.evaluate does: the same accuracy."""
+    data = json.dumps(str(tmp_path / "tokens"))
+    sets = [f"data.path={data}", "train.steps=6", "train.eval_every=0"]
+    accuracy = {}
+    for name, extra in (("one", ["-n", "1"]), ("pipe", ["-n", "2", "--set", 'train.strategy="pipeline"'])):
+        args = ["run", "jobs/transformer_tokens.toml", "--run-dir", str(tmp_path / name), *extra]
+        args += [a for kv in sets for a in ("--set", kv)] + ["--set", "parallel.stages=2"] * (name == "pipe")
+        proc = run_cli(*args, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        accuracy[name] = json.loads((tmp_path / name / "summary.json").read_text())["test_accuracy"]
+    assert 0.0 < accuracy["pipe"] <= 1.0
+    assert accuracy["pipe"] == pytest.approx(accuracy["one"], abs=0.01)

@@ -160,7 +160,8 @@ class PipelineParallel:
         return self.stage.loss if self.stage.last else None
 
     def evaluate(self, model: nn.Module, split, batch: int = 512) -> float:
-        """Accuracy over the split: each replica scores a contiguous part through its pipeline (no grad)."""
+        """Accuracy over the split, counted per target element as ``train.evaluate`` does; each replica
+        scores a contiguous part through its pipeline (no grad)."""
         part = shard_range(len(split), self.topo.dp_rank, self.topo.dp_size)
         correct = total = 0
         first, last = self.stage_index == 0, self.stage_index == self.stages - 1
@@ -178,7 +179,7 @@ class PipelineParallel:
                 out = model(h)
                 if last:
                     correct += int((out.argmax(1) == torch.from_numpy(ys)).sum())
-                    total += len(rows)
+                    total += ys.size  # a label per sample, or a next token per position (B, T)
                 else:
                     self.comm.eval_send(out.contiguous())
         model.train()
