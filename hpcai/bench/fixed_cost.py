@@ -67,8 +67,8 @@ def make_model(
 ) -> nn.Sequential:
     """``blocks`` equal FixedCost blocks between a flattening input layer and a linear head.
 
-    The input layer and the head are tiny next to a block's delay; cut by layer count (``parallel.split``
-    = "layers" or explicit points) so every stage gets the same number of blocks.
+    The input layer and the head are tiny next to a block's delay. Cut at explicit points so every stage gets
+    the same number of blocks: the blocks are top-level modules 2 .. blocks+1 (``hpcai bench bubble`` does).
     """
     if how not in ("spin", "sleep"):
         raise ValueError(f"how must be 'spin' or 'sleep', not {how!r}")

@@ -63,20 +63,12 @@ class WaitWatch:
         self._thread.start()
 
     def begin(self, what: str, *args: object) -> None:
+        """Entering a wait: ``begin("waiting for {} from rank {}", "the gradient", 1)``; ``end()`` after."""
         self.seq += 1
         self._current = (self.seq, what, args, time.monotonic())
 
     def end(self) -> None:
         self._current = None
-
-    @contextmanager
-    def waiting(self, what: str, *args: object) -> Iterator[None]:
-        """``with watch.waiting("for the gradient of micro-batch {} from rank {}", mb, peer): req.Wait()``."""
-        self.begin(what, *args)
-        try:
-            yield
-        finally:
-            self.end()
 
     def _message(self, seq: int, what: str, waited: float) -> tuple[str, bool]:
         """The report of a stalled wait, and whether ``abort`` may end the job for it."""
