@@ -17,7 +17,7 @@ reads every rank's number (only then): ranks whose number is lower have not arri
 stalled collective::
 
     hpcai: rank 0: stalled 60.0 s in collective #1234 (all-reduce bucket 2, 25.0 MB): ranks 3, 5 have not
-    arrived (rank 3 is at #1233 'all-reduce bucket 1, 25.0 MB', rank 5 at #1230 ...)
+    arrived (rank 3 at #1233, rank 5 at #1230)
 
 and, with ``abort=True``, ends the whole job (MPI_Abort) so a 48-hour allocation is not burnt waiting.
 The labels of other ranks' collectives are not shared (that would cost a message per collective): the report
@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import numpy as np
 from mpi4py import MPI
@@ -170,3 +170,8 @@ class StallWatch(WaitWatch):
         self.shm.Free()
         self.node.Free()
         self.comm.Free()
+
+
+def watched(watch: StallWatch | None, label: str) -> AbstractContextManager[None]:
+    """``watch.collective(label)``, or nothing when stall detection is off (``watch`` is None)."""
+    return watch.collective(label) if watch is not None else nullcontext()

@@ -10,12 +10,12 @@ and the ranks that have not arrived when one waits too long.
 from __future__ import annotations
 
 import hashlib
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 from torch import nn
 
+from hpcai.comm.stall import StallWatch, watched
 from hpcai.parallel import dp_comm
 from hpcai.parallel.buckets import GradBuckets
 from hpcai.spec import CommSection
@@ -39,8 +39,6 @@ class DataParallel:
     def prepare(self, model: nn.Module) -> None:
         """Broadcast rank 0's state, lay gradients out in buckets, start the stall watchdog."""
         if self.world_size > 1 and self.cfg.stall_timeout_s > 0:
-            from hpcai.comm.stall import StallWatch
-
             self.watch = StallWatch(self.topo.dp_comm, self.cfg.stall_timeout_s, self.cfg.stall_abort)
         with torch.no_grad():
             for t in list(model.parameters()) + list(model.buffers()):
@@ -57,7 +55,7 @@ class DataParallel:
         )
 
     def _watched(self, label: str):
-        return self.watch.collective(label) if self.watch is not None else nullcontext()
+        return watched(self.watch, label)
 
     def _allreduce_bucket(self, t: torch.Tensor, label: str, idle=None) -> None:
         with self._watched(label):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import resource
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from hpcai import checkpoint as ckpt
-from hpcai.comm.stall import StallWatch, WaitWatch
+from hpcai.comm.stall import StallWatch, WaitWatch, watched
 from hpcai.data.loader import shard_range
 from hpcai.errors import UserError
 from hpcai.models import materialize
@@ -188,7 +187,7 @@ class PipelineParallel:
 
     # ------------------------------------------------------------------------------- whole-job collectives
     def _watched(self, label: str):
-        return self.job_watch.collective(label) if self.job_watch is not None else nullcontext()
+        return watched(self.job_watch, label)
 
     def sum(self, values: np.ndarray) -> np.ndarray:
         values = np.ascontiguousarray(values)
