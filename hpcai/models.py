@@ -255,6 +255,10 @@ def model_skeleton(cfg: ModelSection, input_shape: tuple[int, ...], num_classes:
     stage allocates only its own blocks from it: :func:`materialize`). None for a user's factory."""
     if cfg.factory:
         return None
+    return _zoo_on_meta(cfg, input_shape, num_classes)
+
+
+def _zoo_on_meta(cfg: ModelSection, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         return _zoo(cfg, input_shape, num_classes)
 
@@ -281,7 +285,6 @@ def build_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return _from_factory(cfg, input_shape, num_classes)
-    model = model_skeleton(cfg, input_shape, num_classes)
-    assert model is not None
+    model = _zoo_on_meta(cfg, input_shape, num_classes)
     materialize(model, range(len(model)), seed)
     return model

@@ -157,9 +157,9 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
         from hpcai.parallel.pipeline_parallel import apply_pipeline_parallel
 
         # A built-in model comes as a meta-device skeleton: this rank allocates its own stage's blocks only.
-        whole = model_skeleton(spec.model, data.sample_shape, data.num_classes) or build_model(
-            spec.model, data.sample_shape, data.num_classes, seed=spec.train.seed
-        )
+        whole = model_skeleton(spec.model, data.sample_shape, data.num_classes)
+        if whole is None:  # a user's factory: built whole, cut below
+            whole = build_model(spec.model, data.sample_shape, data.num_classes, seed=spec.train.seed)
         n_params = sum(p.numel() for p in whole.parameters())
         example = torch.from_numpy(data.splits["train"].read(np.arange(2))[0])
         model, strategy = apply_pipeline_parallel(
