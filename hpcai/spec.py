@@ -110,6 +110,11 @@ class TrainSection:
         "cpu, or cuda (each rank uses cuda:<local rank>; gradients go through host memory for MPI).",
         default="cpu",
     )
+    on_nonfinite: str = _doc(
+        "A NaN/inf loss or gradient norm: 'stop' ends the job naming the step (exit 3, no checkpoint of "
+        "that state), 'skip' drops that step's update on every rank and goes on (as AMP's GradScaler does).",
+        default="stop",
+    )
 
 
 @dataclass(frozen=True)
@@ -308,6 +313,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("sgd", "adam", "adamw"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.device": ("cpu", "cuda"),
+    "train.on_nonfinite": ("stop", "skip"),
     "comm.compression": ("none", "fp16", "bf16"),
     "ps.mode": ("async", "ssp", "bsp"),
     "ps.on_worker_failure": ("continue", "stop"),
