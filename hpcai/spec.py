@@ -111,7 +111,7 @@ class TrainSection:
         default="cpu",
     )
     on_nonfinite: str = _doc(
-        "A NaN/inf loss or gradient norm: 'stop' ends the job naming the step (exit 3, no checkpoint of "
+        "A NaN/inf loss or gradient norm: 'stop' ends the job naming the step (exit 4, no checkpoint of "
         "that state), 'skip' drops that step's update on every rank and goes on (as AMP's GradScaler does).",
         default="stop",
     )
