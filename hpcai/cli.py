@@ -162,13 +162,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     if mpi_environment():
         from hpcai.worker import run_worker
 
-        return run_worker(spec, t0)
-    run_dir = spec.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    job_file = run_dir / "job.toml"
-    job_file.write_text(spec.to_toml())
-    os.environ["HPCAI_T0"] = repr(t0)  # wall time counts from here, launch included
-    return run_ranks(spec.job.ranks, ["-m", "hpcai.worker", str(job_file)])
+        return run_worker(spec, t0)  # rank 0 locks the run directory
+    from hpcai.fsio import atomic_write_text
+    from hpcai.launch import check_placeable, write_launch_file
+    from hpcai.rundir import claim_run_dir
+
+    check_placeable(spec.job.ranks)
+    # The run directory is ours until mpiexec returns: a second run into it is refused, and the ranks read
+    # the spec from a file only this launch wrote (job.toml is for people and `hpcai run RUN_DIR/job.toml`).
+    with claim_run_dir(spec.run_dir):
+        atomic_write_text(spec.run_dir / "job.toml", spec.to_toml())
+        launch_file, digest = write_launch_file(spec)
+        os.environ["HPCAI_T0"] = repr(t0)  # wall time counts from here, launch included
+        try:
+            return run_ranks(spec.job.ranks, ["-m", "hpcai.worker", str(launch_file), digest])
+        finally:
+            launch_file.unlink(missing_ok=True)
 
 
 def _slow_rank(text: str, spec) -> str:

@@ -142,6 +142,74 @@ def cma_allowed() -> bool:
     return n == 8 and dst.value == b"hpcai"
 
 
+RANK_MEMORY_BYTES = 256 << 20  # what one rank needs before training: Python, torch, mpi4py, h5py (244 MiB)
+
+
+def check_placeable(n: int) -> None:
+    """Refuse a rank count the launcher cannot place here: mpiexec outside a Slurm allocation puts every rank
+    on this machine, and each rank needs its share of memory (one line and exit 2, not an OOM storm).
+
+    Inside an allocation (``SLURM_JOB_NUM_NODES``) the bound is per node times the nodes.
+    """
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return  # not Linux: nothing to measure against
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1") or 1)
+    per_node = max(1, available // RANK_MEMORY_BYTES)
+    if n > per_node * nodes:
+        where = f"{nodes} nodes" if nodes > 1 else "this machine"
+        raise UserError(
+            f"-n {n}: {where} can hold at most {per_node * nodes} ranks ({available / 2**30:.1f} GiB "
+            f"available per node, ~{RANK_MEMORY_BYTES >> 20} MiB per rank); use a Slurm allocation "
+            "(hpcai submit) for more"
+        )
+
+
+def write_launch_file(spec) -> tuple[Path, str]:
+    """The resolved spec for this launch's ranks, in a file of the run directory that only this launch
+    writes (a name unique to it, created exclusively), and its SHA-256 for the ranks to check."""
+    import hashlib
+    import json
+
+    from hpcai.fsio import create_exclusive, no_space, temp_name
+
+    text = json.dumps({"source": spec.source, "spec_toml": spec.to_toml()}, ensure_ascii=False)
+    data = text.encode("utf-8")
+    path = temp_name(spec.run_dir / "launch.json")
+    try:
+        fd = create_exclusive(path, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        if e.errno == 28:
+            raise no_space(path) from None
+        raise
+    return path, hashlib.sha256(data).hexdigest()
+
+
+def read_launch_file(path: str, digest: str):
+    """The spec a launcher sent (:func:`write_launch_file`), checked against its digest."""
+    import hashlib
+    import json
+
+    from hpcai.spec import spec_from_toml
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the launch file: {e.strerror}") from None
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise UserError(f"{path}: the launch file changed after the launcher wrote it")
+    sent = json.loads(data.decode("utf-8"))
+    return spec_from_toml(sent["spec_toml"], sent["source"])
+
+
 FATAL_DIR_ENV = "HPCAI_FATAL_DIR"  # where a rank leaves its last words before MPI_Abort (hpcai.comm.abort)
 
 

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hpcai.errors import UserError
+from hpcai.fsio import atomic_write_text
+from hpcai.rundir import claim_run_dir
 
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "SUSPENDED",
                  "COMPLETING", "RESIZING", "SIGNALING", "STAGE_OUT"}  # fmt: skip
@@ -77,10 +79,16 @@ def cmd_render(args: argparse.Namespace, load) -> int:
 
 
 def cmd_submit(args: argparse.Namespace, load) -> int:
-    from hpcai import slurm_cmd
-
     spec, text = _render(args, load)
     run_dir = spec.run_dir.resolve()
+    # Under the run directory's lock: a run going on there, or a second submit at the same moment, is refused.
+    with claim_run_dir(run_dir, "hpcai run or submit"):
+        return _submit_locked(args, spec, text, run_dir)
+
+
+def _submit_locked(args: argparse.Namespace, spec, text: str, run_dir: Path) -> int:
+    from hpcai import slurm_cmd
+
     previous = _read_submission(run_dir)
     if previous and not args.dry_run:
         records = slurm_cmd.show_job(previous["job_id"]) or []
@@ -90,10 +98,9 @@ def cmd_submit(args: argparse.Namespace, load) -> int:
                 f"{run_dir}: job {previous['job_id']} is still {active[0]} there; two jobs in one run "
                 f"directory would share checkpoints (scancel {previous['job_id']}, or pass another --run-dir)"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
     script = run_dir / "job.sbatch"
-    (run_dir / "job.toml").write_text(spec.to_toml())  # what the script runs: resolved, overrides applied
-    script.write_text(text)
+    atomic_write_text(run_dir / "job.toml", spec.to_toml())  # what the script runs, overrides applied
+    atomic_write_text(script, text)
     if args.dry_run:
         print(
             f"# dry run: wrote {script} and {run_dir / 'job.toml'}; submit with: sbatch --parsable {script}"
@@ -113,7 +120,7 @@ def record_submission(run_dir: Path, job_id: str, cluster: str) -> None:
         "script": str(run_dir / "job.sbatch"),
         "submitted": time.time(),
     }
-    (run_dir / "submit.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(run_dir / "submit.json", json.dumps(record, indent=2) + "\n")
 
 
 def _read_submission(run_dir: Path) -> dict | None:

@@ -351,6 +351,18 @@ def load_spec(path: str | Path | None, overrides: list[str] = (), ranks: int | N
     return spec
 
 
+def spec_from_toml(text: str, source: str) -> JobSpec:
+    """A resolved spec sent as TOML text (the launcher's to its ranks), validated again; errors name
+    ``source``, the file the user wrote."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{source}: not valid TOML: {e}") from None
+    spec = _build(raw, source)
+    validate(spec)
+    return spec
+
+
 def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
     key, sep, text = item.partition("=")
     key = key.strip()

@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 
 from hpcai.errors import UserError
+from hpcai.fsio import atomic_write_text
 from hpcai.spec import JobSpec, load_spec
 
 
@@ -97,12 +98,26 @@ def _truncate_metrics(run_dir: Path, keep_through: int) -> None:
     os.replace(tmp, path)
 
 
-def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
+def train_job(spec: JobSpec, topo, t0: float, on_eval=None, run_dir_locked: bool = False) -> dict | None:
     """Train ``spec`` on the ranks of ``topo`` (any communicator: COMM_WORLD, or a sweep's sub-communicator).
 
     Returns the summary on the topology's rank 0, None elsewhere. ``on_eval(epoch, test_accuracy) -> bool``
     is called on every rank after each evaluation (``train.eval_every``); True stops training early.
+    The topology's rank 0 holds the run directory's lock for the run (:mod:`hpcai.rundir`) unless
+    ``run_dir_locked`` says the ``hpcai run`` launcher already holds it; the other ranks write nothing there
+    before rank 0 has it (they wait for its resume decision).
     """
+    from hpcai.rundir import acquire
+
+    lock = acquire(spec.run_dir) if topo.is_root and not run_dir_locked else None
+    try:
+        return _train_job(spec, topo, t0, on_eval)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_job(spec: JobSpec, topo, t0: float, on_eval) -> dict | None:
     if spec.train.strategy == "ps":  # servers and workers: their own loop (hpcai/parallel/param_server.py)
         from hpcai.parallel.param_server import train_ps
 
@@ -127,8 +142,7 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
     inject = FailureInjection.parse(inject) if inject else None
     resume_path = None
     if topo.is_root:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "job.toml").write_text(spec.to_toml())
+        atomic_write_text(run_dir / "job.toml", spec.to_toml())
         _ensure_dataset(spec, print)
         resume_path = _select_checkpoint(spec, resume_mode, print)
         if resume_path is None:
@@ -254,8 +268,13 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None) -> dict | None:
     return None
 
 
-def run_worker(spec: JobSpec, t0: float | None = None) -> int:
-    """Run the job on this rank; on any error, print it with the rank and abort every rank."""
+USER_ERROR_GRACE_S = 2.0  # how long ranks other than 0 wait before reporting bad input themselves
+
+
+def run_worker(spec: JobSpec, t0: float | None = None, run_dir_locked: bool = False) -> int:
+    """Run the job on this rank; on any error, print it with the rank and abort every rank.
+
+    ``run_dir_locked``: the ``hpcai run`` launcher holds the run directory's lock (it started us)."""
     t0 = t0 if t0 is not None else float(os.environ.get("HPCAI_T0", time.time()))
     from mpi4py import MPI
 
@@ -272,7 +291,7 @@ def run_worker(spec: JobSpec, t0: float | None = None) -> int:
             topo = Topology.pipeline(spec.parallel.stages, spec.parallel.data_replicas)
         else:
             topo = Topology.data_parallel()
-        train_job(spec, topo, t0)
+        train_job(spec, topo, t0, run_dir_locked=run_dir_locked)
     except Preempted as e:  # every rank agreed to stop at this step: a clean, collective exit
         if rank == 0:
             sys.stderr.write(f"hpcai: {e}; run the same command again to continue\n")
@@ -285,16 +304,22 @@ def run_worker(spec: JobSpec, t0: float | None = None) -> int:
             msg = str(e)
         else:
             msg = f"{type(e).__name__}: {e}"
-        where = spec.run_dir / "logs" / f"rank-{rank}.log"
-        try:
-            where.parent.mkdir(parents=True, exist_ok=True)
-            with open(where, "a") as f:
-                f.write(f"rank {rank} failed:\n{traceback.format_exc()}")
-            hint = "" if isinstance(e, UserError) else f" (traceback in {where})"
-        except OSError:
-            hint = "\n" + traceback.format_exc()
+        hint = ""
+        if not isinstance(e, UserError):  # bad input needs no traceback (and a busy run dir is not ours)
+            where = spec.run_dir / "logs" / f"rank-{rank}.log"
+            try:
+                where.parent.mkdir(parents=True, exist_ok=True)
+                with open(where, "a") as f:
+                    f.write(f"rank {rank} failed:\n{traceback.format_exc()}")
+                hint = f" (traceback in {where})"
+            except OSError:
+                hint = "\n" + traceback.format_exc()
         line = f"hpcai: rank {rank}: error: {msg}{hint}"
         if MPI.COMM_WORLD.Get_size() > 1:  # ends every rank of the job: nobody hangs in a collective
+            if isinstance(e, UserError) and rank != 0:
+                # Bad input usually fails every rank alike: give rank 0 the moment it needs to say it and
+                # abort the job, so the user reads the line once. A rank that failed alone still speaks.
+                time.sleep(USER_ERROR_GRACE_S)
             abort_job(line, code)
         sys.stderr.write(line + "\n")
         return code
@@ -302,16 +327,24 @@ def run_worker(spec: JobSpec, t0: float | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m hpcai.worker LAUNCH_FILE SHA256`` (what ``hpcai run`` starts: the spec it resolved, in a
+    file only it wrote, and the lock already held) or ``python -m hpcai.worker JOB.toml`` (rank 0 locks)."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        sys.stderr.write("usage: python -m hpcai.worker RUN_DIR/job.toml\n")
+    if len(argv) not in (1, 2):
+        sys.stderr.write("usage: python -m hpcai.worker RUN_DIR/job.toml | LAUNCH_FILE SHA256\n")
         return 2
     try:
-        spec = load_spec(argv[0])
+        if len(argv) == 2:
+            from hpcai.launch import read_launch_file
+
+            spec = read_launch_file(argv[0], argv[1])
+        else:
+            spec = load_spec(argv[0])
     except UserError as e:
-        sys.stderr.write(f"hpcai: error: {e}\n")
+        if os.environ.get("PMI_RANK", "0") == "0":  # every rank reads the same file: one of them says so
+            sys.stderr.write(f"hpcai: error: {e}\n")
         return 2
-    return run_worker(spec)
+    return run_worker(spec, run_dir_locked=len(argv) == 2)
 
 
 if __name__ == "__main__":
