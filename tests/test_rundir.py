@@ -128,3 +128,12 @@ def test_launch_file_is_checked(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes().replace(b"0.25", b"0.75"))
     with pytest.raises(UserError, match="changed after the launcher wrote it"):
         read_launch_file(str(path), digest)
+
+
+def test_bad_input_found_by_every_rank_is_reported_once(tmp_path: Path, digits_dataset: Path) -> None:
+    """train.device = "cuda" on a machine without a GPU: every rank finds it, the user reads it once."""
+    proc = run_cli("run", "jobs/digits.toml", "-n", "2", "--run-dir", str(tmp_path / "r"),
+                   *_digits(digits_dataset), "--set", 'train.device="cuda"')  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("torch sees no GPU") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
