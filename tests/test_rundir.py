@@ -137,3 +137,36 @@ def test_bad_input_found_by_every_rank_is_reported_once(tmp_path: Path, digits_d
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("torch sees no GPU") == 1, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A 64 KiB tmpfs filled to the last byte (root only; skipped elsewhere)."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs (needs root)")
+    try:
+        (mnt / "run").mkdir()
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_at_launch(full_disk: Path, digits_dataset: Path) -> None:
+    """No space for job.toml: one line naming it, exit 2, no empty job.toml and no temporary left."""
+    run_dir = full_disk / "run"
+    proc = run_cli("run", "jobs/digits.toml", "-n", "1", "--run-dir", str(run_dir), *_digits(digits_dataset))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "no space left on device" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME]
