@@ -7,7 +7,8 @@
 A space is ``{name: {"type": "float"|"int"|"choice", ...}}``: floats and ints take ``low``, ``high`` and
 an optional ``log``; choices take ``values`` (any TOML values, lists included). Every searcher keeps the
 trials it handed out but has not heard back about (*pending*) and never hands out the same point twice while
-one is pending, so parallel workers can ask one after another. A failed trial is told as NaN.
+one is pending, so parallel workers can ask one after another; points handed out elsewhere (another process,
+a run before a resume) are recorded with ``record_pending``. A failed trial is told as NaN.
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ class Searcher:
         self.told: list[tuple[dict[str, Any], float]] = []
         self.pending: dict[str, dict[str, Any]] = {}
         self._seen: set[str] = set()  # told or pending: never handed out again
+        self._told_keys: set[str] = set()
 
     def encode(self, params: dict[str, Any]) -> np.ndarray:
         return np.array([u for p in self.params for u in p.encode(params[p.name])], dtype=float)
@@ -154,15 +156,24 @@ class Searcher:
 
     def ask(self) -> dict[str, Any]:
         params = self._propose()
-        self._seen.add(_key(params))
-        self.pending[_key(params)] = params
+        self.record_pending(params)
         return params
+
+    def record_pending(self, params: dict[str, Any]) -> None:
+        """Record ``params`` as handed out and not yet told: by :meth:`ask`, or elsewhere (another array
+        task, a run before a resume). It is never handed out again; a point already told stays told."""
+        key = _key(params)
+        if key in self._told_keys:
+            return
+        self._seen.add(key)
+        self.pending[key] = dict(params)
 
     def tell(self, params: dict[str, Any], value: float) -> None:
         """Record ``value`` (minimised; NaN: a failed trial) for ``params``, pending or not (a resume)."""
         key = _key(params)
         self.pending.pop(key, None)
         self._seen.add(key)
+        self._told_keys.add(key)
         self.told.append((dict(params), float(value)))
 
     def _propose(self) -> dict[str, Any]:

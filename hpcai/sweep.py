@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import math
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcai.errors import UserError
+from hpcai.fsio import atomic_write_text, is_no_space, no_space
 from hpcai.search import METHODS, SearchExhausted, SpaceError, make_pruner, make_searcher, parse_space
 from hpcai.spec import (
     _apply_override,
@@ -173,7 +175,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
     if not p.is_file():
         raise SweepError(f"{source}: no such sweep spec file")
     try:
-        raw = tomllib.loads(p.read_text())
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SweepError(f"{source}: not valid TOML: {e}") from None
     for item in overrides:
@@ -279,46 +281,67 @@ class Ledger:
         self.dir = sweep_dir
         self.trials_path = sweep_dir / "trials.jsonl"
         self.reports_path = sweep_dir / "reports.jsonl"
-        self._lock_file = None
 
     @contextlib.contextmanager
     def locked(self, blocking: bool = True):
+        """Hold the ledger's flock (the kernel drops it when the process dies: no stale lock)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "ledger.lock", "a") as f:
+        fd = _open_nofollow(self.dir / "ledger.lock", os.O_RDWR)
+        try:
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
             except BlockingIOError:
                 raise SweepError(f"{self.dir}: another sweep holds this sweep directory") from None
-            try:
-                yield self
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+            yield self
+        finally:
+            os.close(fd)  # closing releases the flock
 
     @staticmethod
     def _read(path: Path) -> list[dict[str, Any]]:
         if not path.is_file():
             return []
         out = []
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
                 continue  # a line cut short by a crash: the trial is re-run
-        return out
+        return [r for r in out if isinstance(r, dict) and isinstance(r.get("trial"), int)]
 
     def trials(self) -> dict[int, dict[str, Any]]:
         """Trial number -> its latest record."""
         return {r["trial"]: r for r in self._read(self.trials_path)}
+
+    def size(self) -> int:
+        """Bytes in trials.jsonl: it only grows, so this names a state of the ledger (best.json holds it)."""
+        try:
+            return self.trials_path.stat().st_size
+        except FileNotFoundError:
+            return 0
 
     def reports(self) -> list[dict[str, Any]]:
         return self._read(self.reports_path)
 
     @staticmethod
     def _append(path: Path, record: dict[str, Any]) -> None:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """One line, fsynced. After a line cut short by a crash, a newline first: glued onto the torn
+        line, this record would be unreadable and its trial taken again."""
+        line = json.dumps(record) + "\n"
+        fd = _open_nofollow(path, os.O_RDWR | os.O_APPEND)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = "\n" + line
+            data = memoryview(line.encode("utf-8"))
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        except OSError as e:
+            if is_no_space(e):
+                raise no_space(path, e) from None
+            raise
+        finally:
+            os.close(fd)
 
     def append_trial(self, record: dict[str, Any]) -> None:
         self._append(self.trials_path, record)
@@ -327,11 +350,27 @@ class Ledger:
         self._append(self.reports_path, record)
 
 
+def _open_nofollow(path: Path, flags: int) -> int:
+    """Open (creating) a file of the sweep directory, never through a symlink planted under its name."""
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SweepError(f"{path}: is a symbolic link; hpcai does not write through one") from None
+        raise
+
+
 FINAL = ("complete", "pruned", "failed")
 
 
 class Scheduler:
-    """Trial numbers, the searcher and the pruner over a ledger. Not thread safe; callers hold the lock."""
+    """Trial numbers, the searcher and the pruner over a ledger. Not thread safe; callers hold the lock.
+
+    The ledger is the one record of which trials are taken and done: a Scheduler starts from it (finished
+    trials told to the searcher, running ones recorded as pending) and writes every trial it hands out to
+    it before returning, all under the ledger's lock. So array tasks, which each build a fresh Scheduler
+    under the lock for every trial, and a resumed sweep never hand out a point or a number twice.
+    """
 
     def __init__(
         self, spec: SweepSpec, ledger: Ledger, stale: typing.Callable[[dict], bool], t0: float | None = None
@@ -347,11 +386,10 @@ class Scheduler:
         for n, r in sorted(self.records.items()):
             if r["status"] in FINAL:  # a resume: the searcher hears every finished trial again
                 self.searcher.tell(r["params"], self._value(r))
-            elif stale(r):
-                self.requeue.append(n)
-                self.searcher.pending[json.dumps(r["params"], sort_keys=True)] = r["params"]
-            else:  # running elsewhere right now (another array task)
-                self.searcher.pending[json.dumps(r["params"], sort_keys=True)] = r["params"]
+            else:  # taken: re-run here (stale) or running elsewhere now; never handed out again
+                if stale(r):
+                    self.requeue.append(n)
+                self.searcher.record_pending(r["params"])
         for r in ledger.reports():
             self.pruner.report(r["trial"], r["epoch"], -r["value"])
         self.exhausted = False
@@ -406,8 +444,11 @@ def read_objective(spec: SweepSpec, run_dir: Path, summary: dict[str, Any] | Non
         return float(summary[key])
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
-        for line in reversed(metrics.read_text().splitlines()):
-            value = json.loads(line).get(key)
+        for line in reversed(metrics.read_text(encoding="utf-8", errors="replace").splitlines()):
+            try:
+                value = json.loads(line).get(key)
+            except (json.JSONDecodeError, AttributeError):
+                continue  # a line cut short (a kill, a full disk): the records before it still count
             if isinstance(value, (int, float)) and math.isfinite(value):
                 return float(value)
     return None
@@ -418,7 +459,7 @@ def prepare_dir(spec: SweepSpec) -> Path:
     d = spec.dir
     existing = d / "sweep.toml"
     if existing.is_file():
-        old = tomllib.loads(existing.read_text())
+        old = tomllib.loads(existing.read_text(encoding="utf-8"))
         new = tomllib.loads(spec.to_toml())
         keys = [("sweep", "base"), ("sweep", "set"), ("sweep", "method"), ("sweep", "seed"), ("space",),
                 ("objective",)]  # fmt: skip
@@ -435,7 +476,7 @@ def prepare_dir(spec: SweepSpec) -> Path:
                 "delete it; budget, parallel and early_stopping may change between runs"
             )
     d.mkdir(parents=True, exist_ok=True)
-    (d / "sweep.toml").write_text(spec.to_toml())
+    atomic_write_text(d / "sweep.toml", spec.to_toml())  # array tasks all write it, maybe at once
     return d
 
 

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from hpcai.errors import UserError
+from hpcai.fsio import atomic_write_bytes, atomic_write_text
 from hpcai.sweep import FINAL, Ledger, SweepSpec, groups_for, load_sweep, prepare_dir
 
 
@@ -41,10 +42,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     overrides = list(args.set) + ([f"sweep.dir={json.dumps(args.sweep_dir)}"] if args.sweep_dir else [])
     spec = load_sweep(args.sweep_file, overrides)  # everything checked before a trial runs
     if args.report:
-        records = Ledger(spec.dir).trials()
+        ledger = Ledger(spec.dir)
+        size = ledger.size()  # before reading: the records read hold at least this much of the ledger
+        records = ledger.trials()
         if not records:
             raise UserError(f"{spec.dir}: no trials yet (no trials.jsonl)")
-        finish_report(spec, records)
+        finish_report(spec, records, ledger_size=size)
         return 0
     if args.task:
         from hpcai import sweep_comm
@@ -99,7 +102,7 @@ def submit_array(spec: SweepSpec, cluster: str, dry_run: bool = False, sbatch=No
     array = f"0-{left - 1}%{spec.parallel.trials_at_once}"
     text = render(job, load_profile(cluster), "array", context=ctx, array=array, command=command)
     script = sweep_dir / "sweep.sbatch"
-    script.write_text(text)
+    atomic_write_text(script, text)
     if dry_run:
         print(f"# dry run: wrote {script}; submit with: sbatch --parsable {script}")
         return 0
@@ -145,16 +148,42 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else json.dumps(v)
 
 
-def finish_report(spec: SweepSpec, records: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
-    """best.json, objective.png, params.png in SWEEP_DIR and the table on the terminal."""
-    from hpcai.report import write_json
+def report_if_done(spec: SweepSpec, ledger: Ledger) -> bool:
+    """With the ledger's lock held: write the report if every trial has ended and best.json does not yet
+    describe this state of the ledger. True when this caller wrote it.
 
+    Array tasks end in any order and each checks on its way out; deciding under the lock, against the
+    ledger size best.json records, makes exactly one of them write the report for the final ledger.
+    """
+    records = ledger.trials()
+    if not records or any(r["status"] not in FINAL for r in records.values()):
+        return False
+    size = ledger.size()
+    try:
+        written = json.loads((spec.dir / "best.json").read_text(encoding="utf-8")).get("ledger_size")
+    except (OSError, ValueError, AttributeError):
+        written = None  # none yet, or unreadable: write it
+    if written == size:
+        return False
+    finish_report(spec, records, ledger_size=size)
+    return True
+
+
+def finish_report(
+    spec: SweepSpec, records: dict[int, dict[str, Any]], ledger_size: int | None = None
+) -> dict[str, Any] | None:
+    """best.json, objective.png, params.png in SWEEP_DIR and the table on the terminal.
+
+    Each file is replaced whole through a temporary name of its own (:mod:`hpcai.fsio`): a reader never
+    sees half a file, and two writers never share a temporary file. ``ledger_size`` (trials.jsonl's size
+    when ``records`` were read) goes into best.json for :func:`report_if_done`.
+    """
     best = best_trial(spec, records)
     counts = {s: sum(r["status"] == s for r in records.values()) for s in (*FINAL, "running")}
     print(table(spec, records))
     summary = {"objective": spec.objective.key, "direction": spec.objective.direction, "counts": counts,
-               "best": best, "written": time.time()}  # fmt: skip
-    write_json(spec.dir / "best.json", summary)
+               "best": best, "written": time.time(), "ledger_size": ledger_size}  # fmt: skip
+    atomic_write_text(spec.dir / "best.json", json.dumps(summary, indent=2) + "\n")
     try:
         _plots(spec, records)
     except Exception as e:  # noqa: BLE001 - a plot must not fail a finished sweep
@@ -195,8 +224,7 @@ def _plots(spec: SweepSpec, records: dict[int, dict[str, Any]]) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(spec.dir / "objective.png")
-    plt.close(fig)
+    _save_png(fig, spec.dir / "objective.png")
 
     params = parse_space(spec.space)
     fig, axes = plt.subplots(1, len(params), figsize=(3.2 * len(params), 3), dpi=100, squeeze=False)
@@ -216,5 +244,16 @@ def _plots(spec: SweepSpec, records: dict[int, dict[str, Any]]) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(spec.objective.key)
     fig.tight_layout()
-    fig.savefig(spec.dir / "params.png")
+    _save_png(fig, spec.dir / "params.png")
+
+
+def _save_png(fig, path) -> None:
+    """Render in memory, then replace ``path`` whole (savefig would write through a symlink at ``path``)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

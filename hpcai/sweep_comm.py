@@ -192,7 +192,7 @@ def _coordinate(spec: SweepSpec, world: MPI.Comm, n_groups: int) -> int:
             active -= 1
         else:
             _say(f"trial {nxt['trial']:04d} started on group {msg['group']}: {nxt['params']}")
-    finish_report(spec, sched.records)
+    finish_report(spec, sched.records, ledger_size=ledger.size())  # still under the ledger's lock
     return EXIT_PREEMPTED if preempted or stop["signal"] else 0
 
 
@@ -236,6 +236,8 @@ def _submitted(spec: SweepSpec) -> float | None:
 def run_task(spec: SweepSpec) -> int:
     """Every rank of one Slurm array task (an MPI world of ranks_per_trial ranks): take trials from the
     ledger under its lock until none is left, train each on this world, record the result."""
+    from hpcai.sweep_cli import report_if_done
+
     world = MPI.COMM_WORLD.Dup()
     is_lead = world.Get_rank() == 0
     job = os.environ.get("SLURM_ARRAY_JOB_ID", "local")
@@ -248,19 +250,26 @@ def run_task(spec: SweepSpec) -> int:
 
     if is_lead:
         try:
-            _setup(spec)
+            with ledger.locked():  # tasks start together: one writes sweep.toml and builds the dataset
+                _setup(spec)
         except UserError as e:
             sys.stderr.write(f"hpcai: error: {e}\n")
             world.bcast(False, root=0)
             return 2
     if not world.bcast(True if is_lead else None, root=0):
         return 2
+    problem = None
     while True:
         record = None
         if is_lead:
-            with ledger.locked():
+            with ledger.locked():  # the ledger decides: a fresh Scheduler sees every trial taken so far
                 sched = Scheduler(spec, ledger, stale, t0=_submitted(spec))
                 record = sched.next_trial(owner, {"group": owner})
+                if record is None:
+                    try:
+                        report_if_done(spec, ledger)  # the last task out writes best.json and the plots
+                    except UserError as e:  # a full disk: said once, after the other ranks are told
+                        problem = str(e)
         record = world.bcast(record, root=0)
         if record is None:
             break
@@ -276,11 +285,7 @@ def run_task(spec: SweepSpec) -> int:
             with ledger.locked():
                 rec = Scheduler(spec, ledger, lambda r: False).finish(record["trial"], result)
             _say(_line(spec, rec))
-    if is_lead:
-        from hpcai.sweep_cli import finish_report
-
-        with ledger.locked():
-            records = ledger.trials()
-        if records and all(r["status"] != "running" for r in records.values()):
-            finish_report(spec, records)  # the last task to finish writes best.json and the plots
+    if problem:
+        sys.stderr.write(f"hpcai: error: {problem}\n")
+        return 2
     return 0

@@ -150,3 +150,26 @@ def test_asha_keeps_the_top_third_at_each_rung() -> None:
     assert p.report(3, 0, 0.6)  # 4 values: the best 1 (4 // 3) goes on
     assert not p.report(0, 1, 0.4)  # epoch 2 < rung 1 at 3 epochs: nothing to decide
     assert not p.report(0, 2, 0.3)  # rung 1 (3 epochs): alone there
+
+
+@pytest.mark.parametrize("method", ["grid", "random", "bayes"])
+def test_points_handed_out_elsewhere_are_never_handed_out_again(method: str) -> None:
+    """A fresh searcher (a resumed sweep, another array task) hears of points running elsewhere through
+    record_pending: its own asks skip them, and a grid hands out exactly the rest, each once."""
+    space = {"a": {"type": "int", "low": 0, "high": 3}, "b": {"type": "choice", "values": [1, 2]}}
+    opts = {"initial": 2} if method == "bayes" else {}
+    first = make_searcher(space, method=method, seed=0, **opts)
+    elsewhere = [first.ask() for _ in range(3)]
+    s = make_searcher(space, method=method, seed=0, **opts)  # same seed: it would start at the same points
+    for p in elsewhere:
+        s.record_pending(p)
+    assert len(s.pending) == 3
+    s.tell(elsewhere[0], 1.0)
+    s.tell(elsewhere[1], 2.0)
+    s.record_pending(elsewhere[1])  # told already: stays told, not pending again
+    assert list(s.pending.values()) == [elsewhere[2]]
+    mine = [s.ask() for _ in range(5)]
+    keys = [(p["a"], p["b"]) for p in elsewhere + mine]
+    assert len(set(keys)) == 8  # the whole space, no point twice
+    with pytest.raises(SearchExhausted):
+        s.ask()

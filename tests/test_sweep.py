@@ -154,10 +154,24 @@ values = [10, 11]
     assert best["counts"] == {"complete": 2, "pruned": 2, "failed": 0, "running": 0}
 
 
+GRID_4 = """
+method = "grid"
+[budget]
+trials = 10
+[space.train.lr]
+type = "choice"
+values = [0.1, 0.03]
+[space.model.hidden]
+type = "choice"
+values = [[32], [64, 32]]
+"""
+
+
 def test_array_tasks_share_the_ledger(tmp_path: Path, digits_dataset: Path) -> None:
-    """Two Slurm array tasks at once (faked: SLURM_ARRAY_* set, one rank each): every trial runs once; a
-    trial left 'running' by an earlier array job is taken over."""
-    sweep = write_sweep(tmp_path, digits_dataset, RANDOM_3.replace("trials = 3", "trials = 4"))
+    """Three Slurm array tasks at once (faked: SLURM_ARRAY_* set, one rank each) on a 4-point grid, one point
+    left 'running' by an earlier array job: every point is started and completed exactly once, the stale
+    trial is taken over, and one task writes a best.json that names the true best."""
+    sweep = write_sweep(tmp_path, digits_dataset, GRID_4, ("train.epochs=1",))
     d = tmp_path / "sweep"
     d.mkdir()
     stale = {"trial": 0, "status": "running", "params": {"train.lr": 0.1, "model.hidden": [32]},
@@ -173,16 +187,29 @@ def test_array_tasks_share_the_ledger(tmp_path: Path, digits_dataset: Path) -> N
             stderr=subprocess.STDOUT,
             text=True,
         )  # fmt: skip
-        for i in range(2)
+        for i in range(3)
     ]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    try:
+        outs = [p.communicate(timeout=150)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    assert not any("Traceback" in out for out in outs), outs
+    events = [json.loads(x) for x in (d / "trials.jsonl").read_text().splitlines()]
+    grid = {json.dumps({"train.lr": lr, "model.hidden": h}, sort_keys=True)
+            for lr in (0.1, 0.03) for h in ([32], [64, 32])}  # fmt: skip
+    for status in ("running", "complete"):
+        keys = [json.dumps(r["params"], sort_keys=True) for r in events[1:] if r["status"] == status]
+        assert sorted(keys) == sorted(grid), status  # each point once, by this job
     records = ledger(d)
     assert sorted(records) == [0, 1, 2, 3] and all(r["status"] == "complete" for r in records.values())
     assert records[0]["params"] == stale["params"] and records[0]["owner"].startswith("42_")
-    starts = [json.loads(x) for x in (d / "trials.jsonl").read_text().splitlines()]
-    assert sum(r["status"] == "running" for r in starts) == 5  # the stale line + one start per trial
-    assert (d / "best.json").is_file()
+    assert len({r["run_dir"] for r in records.values()}) == 4
+    best = json.loads((d / "best.json").read_text())
+    true_best = max(records.values(), key=lambda r: r["objective"])
+    assert best["best"]["trial"] == true_best["trial"] and best["counts"]["complete"] == 4
+    assert sum("best: trial" in out for out in outs) == 1  # one task wrote the report
 
 
 def test_cluster_submits_a_throttled_array_through_the_slurm_renderer(
