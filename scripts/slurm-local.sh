@@ -5,6 +5,8 @@
 #                                        # munged, slurmctld, slurmd; wait until sinfo shows the node idle
 #   sudo scripts/slurm-local.sh status   # daemons and sinfo
 #   sudo scripts/slurm-local.sh stop     # stop slurmd, slurmctld and munged started here
+#   scripts/slurm-local.sh conf          # print the slurm.conf that start would write (no root needed)
+#   scripts/slurm-local.sh cpus          # the CPU count it configures for this node
 #
 # Debian 12 packages (Slurm 22.05), no systemd: every daemon is started by hand, as root (munged as `munge`).
 # All state (spool, pid files, logs, slurm.conf) lives under $HPCAI_SLURM_DIR (default /var/tmp/hpcai-slurm);
@@ -55,14 +57,19 @@ start_munge() {
     die "munged does not answer (see /var/log/munge/munged.log)"
 }
 
-write_conf() {
+# The CPUs this process may run on (affinity, cgroup cpuset), whatever the caller's OpenMP settings: coreutils
+# nproc also obeys OMP_NUM_THREADS and OMP_THREAD_LIMIT, and with OMP_NUM_THREADS=1 exported (login nodes do)
+# the node got CPUs=1 and every 2-rank job pended forever. Not `nproc --all`: in a container limited to some
+# CPUs it counts the host's, and slurmd drains a node that has fewer CPUs than slurm.conf claims.
+count_cpus() { env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; }
+
+conf_text() {
     local host cpus mem_mib
     host="$(hostname -s)"
-    cpus="$(nproc)"
+    cpus="$(count_cpus)"
     # RealMemory a bit under MemTotal: slurmd drains a node that reports less than slurm.conf claims.
     mem_mib="$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.95}' /proc/meminfo)"
-    mkdir -p "$DIR/spool/ctld" "$DIR/spool/d" "$DIR/log" "$DIR/run" /etc/slurm
-    cat >"$DIR/slurm.conf" <<EOF
+    cat <<EOF
 $MARK
 ClusterName=hpcai-local
 SlurmctldHost=$host
@@ -91,6 +98,11 @@ KillWait=5
 NodeName=$host CPUs=$cpus RealMemory=$mem_mib State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
+}
+
+write_conf() {
+    mkdir -p "$DIR/spool/ctld" "$DIR/spool/d" "$DIR/log" "$DIR/run" /etc/slurm
+    conf_text >"$DIR/slurm.conf"
     if [ -f "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
         die "$CONF exists and was not written by this script; move it away first"
     fi
@@ -116,6 +128,9 @@ cmd_start() {
     start_munge
     if alive "$DIR/run/slurmctld.pid" && alive "$DIR/run/slurmd.pid"; then
         say "already running"
+        # E.g. CPUs=1 written by an older version of this script under OMP_NUM_THREADS=1.
+        conf_text | cmp -s - "$DIR/slurm.conf" ||
+            say "warning: the daemons run with an older $DIR/slurm.conf than \`$0 conf\` prints; stop, then start"
     else
         write_conf
         alive "$DIR/run/slurmctld.pid" || { say "starting slurmctld"; slurmctld; }
@@ -155,5 +170,7 @@ case "${1:-}" in
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
-    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+    conf) conf_text ;;
+    cpus) count_cpus ;;
+    *) echo "usage: $0 start|stop|status|conf|cpus" >&2; exit 2 ;;
 esac
