@@ -1,7 +1,7 @@
 """Cluster profiles: what a Slurm cluster needs in every batch script, as typed, validated TOML.
 
-A profile is ``cluster/NAME.toml`` (or any path); ``--cluster NAME`` finds ``./cluster/NAME.toml`` first,
-then the one shipped beside the hpcai package::
+A profile is ``cluster/NAME.toml`` (or any path); ``--cluster NAME`` looks in ``$HPCAI_CLUSTER_DIR``, then
+``./cluster``, then the profiles shipped with hpcai (:mod:`hpcai.resources`)::
 
     hpcai render jobs/digits.toml --cluster local
     hpcai submit jobs/digits.toml --cluster path/to/site.toml --dry-run
@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpcai import resources
 from hpcai.errors import UserError
 from hpcai.spec import _doc, build_sections
 
-# Shipped profiles and templates live at the repository root, beside the package.
+# The source checkout (tests use it); shipped profiles and templates are found through hpcai.resources.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 LAUNCHERS = ("srun", "mpirun", "mpiexec")
@@ -117,22 +118,23 @@ _SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Profile) if f
 
 
 def find_profile(name_or_path: str) -> Path:
-    """``NAME`` -> ./cluster/NAME.toml, else the shipped cluster/NAME.toml; with / or .toml: a path."""
+    """``NAME`` -> $HPCAI_CLUSTER_DIR/NAME.toml, ./cluster/NAME.toml, else the shipped one (first found, see
+    :mod:`hpcai.resources`); with / or .toml: a path."""
     if "/" in name_or_path or name_or_path.endswith(".toml"):
         p = Path(name_or_path)
         if not p.is_file():
             raise ProfileError(f"{name_or_path}: no such cluster profile file")
         return p
-    candidates = [Path("cluster") / f"{name_or_path}.toml", PROJECT_ROOT / "cluster" / f"{name_or_path}.toml"]
-    for p in candidates:
-        if p.is_file():
-            return p
-    shipped = sorted(p.stem for p in (PROJECT_ROOT / "cluster").glob("*.toml"))
-    close = difflib.get_close_matches(name_or_path, shipped, n=1)
+    found = resources.find("cluster", f"{name_or_path}.toml")
+    if found is not None:
+        return found
+    shipped, yours = resources.names("cluster", ".toml")
+    close = difflib.get_close_matches(name_or_path, shipped + yours, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
+    also = f"; yours: {', '.join(yours)}" if yours else ""
     raise ProfileError(
         f"--cluster {name_or_path}: no profile cluster/{name_or_path}.toml{hint}; "
-        f"shipped: {', '.join(shipped)}"
+        f"shipped: {', '.join(shipped)}{also}"
     )
 
 

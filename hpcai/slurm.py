@@ -24,8 +24,9 @@ from typing import Any
 
 import jinja2
 
+from hpcai import resources
 from hpcai.errors import UserError
-from hpcai.profiles import PROJECT_ROOT, Profile, ProfileError, check_mem, check_time
+from hpcai.profiles import Profile, ProfileError, check_mem, check_time
 from hpcai.spec import JobSpec
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the ranks checkpointed and want to be started again
@@ -221,24 +222,26 @@ def _memory(spec: JobSpec, profile: Profile) -> tuple[str, str] | None:
 
 
 def find_template(name_or_path: str) -> Path:
-    """``NAME`` -> ./templates/NAME.sbatch.j2, else the shipped one; anything with / or .j2 is a path."""
+    """``NAME`` -> ./templates/NAME.sbatch.j2, else the shipped one (:mod:`hpcai.resources`); anything with /
+    or .j2 is a path."""
     if "/" in name_or_path or name_or_path.endswith(".j2"):
-        candidates = [Path(name_or_path)]
+        if Path(name_or_path).is_file():
+            return Path(name_or_path)
+        missing = name_or_path
     else:
         file = f"{name_or_path}.sbatch.j2"
-        candidates = [Path("templates") / file, PROJECT_ROOT / "templates" / file]
-    for p in candidates:
-        if p.is_file():
-            return p
-    shipped = sorted(
-        p.name.removesuffix(".sbatch.j2") for p in (PROJECT_ROOT / "templates").glob("*.sbatch.j2")
-    )
-    raise UserError(f"--template {name_or_path}: no template {candidates[0]}; shipped: {', '.join(shipped)}")
+        found = resources.find("templates", file)
+        if found is not None:
+            return found
+        missing = f"templates/{file}"
+    shipped, yours = resources.names("templates", ".sbatch.j2")
+    also = f"; yours: {', '.join(yours)}" if yours else ""
+    raise UserError(f"--template {name_or_path}: no template {missing}; shipped: {', '.join(shipped)}{also}")
 
 
 def _environment(template_dir: Path) -> jinja2.Environment:
     # StrictUndefined: a typo in a template is an error, not an empty string in a batch script.
-    dirs = [template_dir, PROJECT_ROOT / "templates"]  # your template can import the shipped _hpcai.j2
+    dirs = [template_dir, resources.shipped_dir("templates")]  # yours can import the shipped _hpcai.j2
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(dirs),
         undefined=jinja2.StrictUndefined,

@@ -10,7 +10,8 @@ submit writes RUN_DIR/job.toml (the resolved spec), RUN_DIR/job.sbatch (which ru
 (the job id), then runs ``sbatch --parsable RUN_DIR/job.sbatch`` and prints the job id.
 
 All three take the job arguments of ``hpcai run`` (JOB, -n, --set, --run-dir). ``--cluster`` is a profile
-name (cluster/NAME.toml) or a path; ``--template`` a name (templates/NAME.sbatch.j2) or a path.
+name (NAME.toml in $HPCAI_CLUSTER_DIR, ./cluster or the shipped ones) or a path; ``--template`` a name
+(./templates/NAME.sbatch.j2 or the shipped one) or a path. See :mod:`hpcai.resources`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ def add_subcommands(
     for name, text in (("render", "print the sbatch script of a job"), ("submit", "render and sbatch a job")):
         p = sub.add_parser(name, help=text)
         add_job_args(p)
-        p.add_argument("--cluster", required=True, help="cluster profile: NAME (cluster/NAME.toml) or a path")
+        p.add_argument(
+            "--cluster",
+            required=True,
+            help="cluster profile: NAME ($HPCAI_CLUSTER_DIR, ./cluster, shipped: NAME.toml) or a path",
+        )
         p.add_argument(
             "--template", help="template NAME (templates/NAME.sbatch.j2) or path; default: profile's"
         )
