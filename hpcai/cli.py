@@ -119,16 +119,21 @@ def _load(args: argparse.Namespace):
 
     overrides = list(args.set)
     if args.run_dir:
-        overrides.append(f"job.run_dir={_toml_str(args.run_dir)}")
+        overrides.append(f"job.run_dir={_toml_str(args.run_dir, '--run-dir')}")
     if args.ranks is not None and args.ranks < 1:
         raise UserError(f"-n: must be >= 1, got {args.ranks}")
     return load_spec(args.job, overrides, ranks=args.ranks)
 
 
-def _toml_str(s: str) -> str:
-    import json
+def _toml_str(s: str, option: str) -> str:
+    """``s`` as a TOML string that reads back as exactly ``s`` (json.dumps is not one: it writes characters
+    beyond the BMP as surrogate pairs, which TOML rejects). ``option`` names the flag in the error."""
+    from hpcai.spec import toml_string
 
-    return json.dumps(s)
+    try:
+        return toml_string(s)
+    except ValueError as e:
+        raise UserError(f"{option}: {e}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:

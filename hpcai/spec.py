@@ -13,10 +13,12 @@ The resolved spec (defaults filled in, overrides applied) is written to every ru
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import hashlib
 import json
 import math
+import os
 import tomllib
 import types
 import typing
@@ -330,18 +332,20 @@ def load_spec(path: str | Path | None, overrides: list[str] = (), ranks: int | N
     ``overrides`` are ``section.key=value`` strings (value parsed as TOML, else taken as a string);
     ``ranks`` (from ``-n``) overrides ``job.ranks``.
     """
-    source = str(path) if path is not None else "<defaults>"
+    source = display_path(path) if path is not None else "<defaults>"
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
+        if not _is_file(p):
             raise SpecError(f"{source}: no such job spec file")
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))  # TOML is UTF-8 whatever the locale
         except tomllib.TOMLDecodeError as e:
             raise SpecError(f"{source}: not valid TOML: {e}") from None
         except UnicodeDecodeError:
-            raise SpecError(f"{source}: not a text file") from None
+            raise SpecError(f"{source}: not a text file (TOML is UTF-8)") from None
+        except OSError as e:
+            raise SpecError(f"{source}: cannot read: {e.strerror}") from None
     for item in overrides:
         _apply_override(raw, item, source)
     if ranks is not None:
@@ -363,22 +367,57 @@ def spec_from_toml(text: str, source: str) -> JobSpec:
     return spec
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False for a path the OS will not even look up (too long, NUL, no permission)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def display_path(path: str | Path) -> str:
+    """``path`` for messages, and for UTF-8 files: bytes of a file name that are not UTF-8 (which Python
+    holds as lone surrogates) shown as ``\\xff``."""
+    text = str(path)
+    try:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    except UnicodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
+    """``section.key=value`` (``--set``): the value is TOML, or else a bare word taken as a string.
+
+    A value that starts like a TOML string, array or table but does not parse is an error (taking it as
+    text would set a name with its quotes in it); a bare word that TOML reads as a date or time is text
+    (no key takes a date: --set job.name=2024-05-01 means the name).
+    """
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or "." not in key:
         raise SpecError(f"{source}: --set {item!r}: expected section.key=value")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as e:
+        if text.strip()[:1] in ("'", '"', "[", "{"):
+            raise SpecError(f"{source}: {key}: --set value {_short(text)} is not valid TOML: {e}") from None
         value = text  # a bare word like --set model.name=cnn
+    if isinstance(value, (datetime.date, datetime.time)):
+        value = text.strip()
     section, _, name = key.partition(".")
     target = raw.setdefault(section, {})
     if not isinstance(target, dict):
         raise SpecError(f"{source}: {section}: must be a table")
     *parents, leaf = name.split(".")
+    where = section
     for part in parents:  # model.args.width=3
+        where += f".{part}"
         target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise SpecError(
+                f"{source}: {where}: is {type(target).__name__} {_short(target)}, not a table: "
+                f"cannot set {key}"
+            )
     target[leaf] = value
 
 
@@ -420,16 +459,25 @@ def _build(raw: dict[str, Any], source: str) -> JobSpec:
     return JobSpec(**build_sections(raw, SECTION_TYPES, source), source=source)
 
 
+INT64 = (-(2**63), 2**63 - 1)  # TOML's integers; tomllib reads bigger ones without complaint
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against a type hint (int, float, str, bool, list[X], dict[str, Any])."""
+    """Check ``value`` against a type hint (int, float, str, bool, list[X], dict[str, X], X | Y, Any).
+
+    Beyond the type: integers fit in 64 bits, floats are finite, strings hold no NUL (no path, argument or
+    environment variable can) and can be written back as UTF-8; ``Any`` is plain data (see plain_value).
+    """
     origin = typing.get_origin(tp)
     if tp is Any:
-        return value
+        return plain_value(value, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not INT64[0] <= value <= INT64[1]:
+                raise SpecError(f"{where}: {value} is out of range (TOML integers are 64-bit)")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -438,22 +486,69 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return float(value)
     elif tp is str:
         if isinstance(value, str):
-            return value
+            return _check_str(value, where)
     elif origin is list:
         if isinstance(value, list):
             (item_tp,) = typing.get_args(tp)
             return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     elif origin is dict:
         if isinstance(value, dict):
-            return dict(value)
+            key_tp, value_tp = typing.get_args(tp) or (str, Any)
+            return {
+                _check_str(k, f"{where}: key {k!r}"): _coerce(v, value_tp, f"{where}.{_key_name(k)}")
+                for k, v in value.items()
+            }
     elif isinstance(tp, types.UnionType):
+        closest = None  # an option of the right kind with a bad value says more than "expected X | Y"
         for option in typing.get_args(tp):
             try:
                 return _coerce(value, option, where)
-            except SpecError:
-                pass
+            except SpecError as e:
+                if ": expected " not in str(e):
+                    closest = e
+        if closest is not None:
+            raise closest
     expected = getattr(tp, "__name__", str(tp))
-    raise SpecError(f"{where}: expected {expected}, got {type(value).__name__} {value!r}")
+    raise SpecError(f"{where}: expected {expected}, got {type(value).__name__} {_short(value)}")
+
+
+def _check_str(value: str, where: str) -> str:
+    if "\0" in value:
+        raise SpecError(f"{where}: {_short(value)} holds a NUL character")
+    bad = _lone_surrogate(value)
+    if bad is not None:
+        raise SpecError(f"{where}: {_short(value)} {bad}")
+    return value
+
+
+def plain_value(value: Any, where: str) -> Any:
+    """What a model's keyword arguments can be: numbers, strings, bools, and lists and tables of them.
+    A TOML date/time cannot be written back to job.toml by hpcai nor mean anything to a model: refused."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return _coerce(value, int, where)
+    if isinstance(value, float):
+        return _coerce(value, float, where)
+    if isinstance(value, str):
+        return _check_str(value, where)
+    if isinstance(value, list):
+        return [plain_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return _coerce(value, dict[str, Any], where)
+    what = "a TOML date/time" if isinstance(value, (datetime.date, datetime.time)) else type(value).__name__
+    raise SpecError(f"{where}: {what} ({value}) is not a number, string, bool, list or table; quote it")
+
+
+def _key_name(k: str) -> str:
+    """A key as TOML would spell it in a dotted path: bare if it can be, else quoted."""
+    return k if k and all(c.isascii() and (c.isalnum() or c in "-_") for c in k) else repr(k)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr of a value, cut to ``limit`` characters: a 100 kB string makes no readable error line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]} ({len(text)} characters)"
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -475,7 +570,13 @@ def validate(spec: JobSpec) -> None:
             fail(key, f"{value!r} is not one of {', '.join(allowed)}{hint}")
     j, t, d, m = spec.job, spec.train, spec.data, spec.model
     if not j.name or any(c in j.name for c in "/\\\0") or j.name in (".", ".."):
-        fail("job.name", f"must be a non-empty name without '/', got {j.name!r}")
+        fail("job.name", f"must be a non-empty name without '/', got {_short(j.name)}")
+    _check_path("job.name", j.name, fail)  # the default run directory's name
+    _check_path("job.run_dir", j.run_dir, fail)
+    if not d.path:
+        fail("data.path", "must not be empty (the dataset directory)")
+    _check_path("data.path", d.path, fail)
+    _validate_ranges(spec, fail)
     if j.ranks < 1:
         fail("job.ranks", f"must be >= 1, got {j.ranks}")
     if t.lr <= 0:
@@ -538,7 +639,7 @@ def validate(spec: JobSpec) -> None:
             parse_source(d.source)
         except UserError as e:
             fail("data.source", str(e))
-    if not d.source and not (Path(d.path) / "manifest.json").is_file():
+    if not d.source and not _is_file(Path(d.path) / "manifest.json"):
         fail("data.path", f"no dataset at {d.path} (manifest.json missing) and data.source is empty")
     if any(h < 1 for h in m.hidden):
         fail("model.hidden", f"widths must be >= 1, got {m.hidden}")
@@ -549,11 +650,14 @@ def validate(spec: JobSpec) -> None:
             fail(f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
     if m.d_model % m.heads:
         fail("model.heads", f"{m.heads} heads do not divide d_model {m.d_model}")
+    if not m.factory:
+        _validate_model_size(m, fail)
     if m.factory:
         file, sep, func = m.factory.rpartition(":")
         if not sep or not file or not func.isidentifier():
-            fail("model.factory", f"expected 'path/to/file.py:function', got {m.factory!r}")
-        if not Path(file).is_file():
+            fail("model.factory", f"expected 'path/to/file.py:function', got {_short(m.factory)}")
+        _check_path("model.factory", file, fail)
+        if not _is_file(Path(file)):
             fail("model.factory", f"no such file {file!r}")
     cm = spec.comm
     if cm.bucket_mb <= 0 or cm.first_bucket_mb <= 0:
@@ -568,6 +672,7 @@ def validate(spec: JobSpec) -> None:
     if c.keep < 1:
         fail("checkpoint.keep", f"must be >= 1, got {c.keep}")
     s = spec.slurm
+    _check_path("slurm.template", s.template, fail)
     if s.nodes < 1:
         fail("slurm.nodes", f"must be >= 1, got {s.nodes}")
     for key in ("tasks_per_node", "gpus_per_node"):
@@ -581,11 +686,100 @@ def validate(spec: JobSpec) -> None:
         fail("slurm.max_requeues", f"must be >= 0, or -1 for the profile's, got {s.max_requeues}")
 
 
+NAME_MAX, PATH_MAX = 255, 4095  # bytes in a file name and in a path (Linux; most file systems)
+MAX_SECONDS = 1e9  # ~31 years: longer waits overflow the OS's timers (threading.TIMEOUT_MAX is ~9.2e9)
+MAX_BUCKET_MB = 2**20  # 1 TiB; int(bucket_mb * 2**20) overflows for huge floats
+
+
+def _check_path(key: str, value: str, fail) -> None:
+    """A path the file system can hold: each name <= NAME_MAX bytes, the whole <= PATH_MAX bytes."""
+    data = value.encode("utf-8")
+    if len(data) > PATH_MAX:
+        fail(key, f"{_short(value)} is {len(data)} bytes long; a path can be at most {PATH_MAX} bytes")
+    for part in data.split(b"/"):
+        if len(part) > NAME_MAX:
+            fail(
+                key,
+                f"{_short(part.decode('utf-8', 'replace'))} is {len(part)} bytes long; a file name can be "
+                f"at most {NAME_MAX} bytes",
+            )
+
+
+def _validate_ranges(spec: JobSpec, fail) -> None:
+    """Ranges that hold whatever the strategy (a count is never negative, even in a section the job does
+    not use), seeds numpy takes, durations and sizes the OS and the bucket planner take, model.args names."""
+    p, ps, t, d, cm = spec.parallel, spec.ps, spec.train, spec.data, spec.comm
+    for key in ("stages", "micro_batches", "data_replicas"):
+        if getattr(p, key) < 1:
+            fail(f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
+    if ps.servers < 1:
+        fail("ps.servers", f"must be >= 1, got {ps.servers}")
+    if ps.staleness < 0:
+        fail("ps.staleness", f"must be >= 0, got {ps.staleness}")
+    if ps.heartbeat_s <= 0:
+        fail("ps.heartbeat_s", f"must be > 0, got {ps.heartbeat_s}")
+    if ps.simulate_compute_s < 0:
+        fail("ps.simulate_compute_s", f"must be >= 0, got {ps.simulate_compute_s}")
+    if ps.timeout_s <= ps.heartbeat_s:
+        fail("ps.timeout_s", f"must exceed ps.heartbeat_s ({ps.heartbeat_s}), got {ps.timeout_s}")
+    if not 0 <= t.seed < 2**32:  # each rank seeds numpy with [seed, rank]
+        fail("train.seed", f"must be in [0, {2**32 - 1}], got {t.seed}")
+    if d.split_seed < 0:
+        fail("data.split_seed", f"must be >= 0, got {d.split_seed}")
+    seconds = {
+        "comm.stall_timeout_s": cm.stall_timeout_s,
+        "checkpoint.every_seconds": spec.checkpoint.every_seconds,
+        "ps.heartbeat_s": ps.heartbeat_s,
+        "ps.timeout_s": ps.timeout_s,
+        "ps.simulate_compute_s": ps.simulate_compute_s,
+    }
+    for key, value in seconds.items():
+        if value > MAX_SECONDS:
+            fail(key, f"must be <= {MAX_SECONDS:g} seconds, got {value:g}")
+    for key in ("bucket_mb", "first_bucket_mb"):
+        if getattr(cm, key) > MAX_BUCKET_MB:
+            fail(f"comm.{key}", f"must be <= {MAX_BUCKET_MB} (1 TiB), got {getattr(cm, key):g}")
+    for name in spec.model.args:  # passed as make_model(**model.args)
+        if not name.isidentifier():
+            fail(f"model.args.{_key_name(name)}", "is not a Python name, so not a keyword argument")
+
+
+MAX_PARAMETERS = 2**40  # 4 TiB of float32: more than any one rank holds
+MAX_BLOCKS = 100_000  # Python builds (and every rank walks) one module per block
+
+
+def _validate_model_size(m: ModelSection, fail) -> None:
+    """A built-in model that no rank could build: a lower bound of its parameters (whatever the dataset's
+    input and class counts) and its count of blocks, checked here rather than as a rank's failed allocation
+    (or a build loop of hours) after the launch."""
+
+    def pairs(widths: list[int]) -> int:
+        return sum(a * b for a, b in zip(widths, widths[1:], strict=False))
+
+    if m.name == "mlp":
+        key, blocks, params = "model.hidden", len(m.hidden), pairs(m.hidden) + sum(m.hidden)
+    elif m.name == "cnn":
+        key, blocks, params = "model.channels", len(m.channels), 9 * (pairs(m.channels) + m.channels[0])
+    elif m.name == "resnet":
+        key = "model.blocks" if m.blocks > max(m.channels) else "model.channels"
+        blocks = m.blocks * len(m.channels)
+        params = sum((2 * m.blocks - 1) * 9 * w * w for w in m.channels)
+    else:
+        key = "model.layers" if m.layers > m.d_model else "model.d_model"
+        blocks, params = m.layers, 12 * m.layers * m.d_model**2
+    if blocks > MAX_BLOCKS:
+        fail(key, f"the {m.name} would have {blocks} blocks; at most {MAX_BLOCKS} are built")
+    if params > MAX_PARAMETERS:
+        fail(
+            key,
+            f"the {m.name} would hold at least {params:.3g} parameters ({4 * params / 2**40:.3g} TiB of "
+            f"float32); at most {MAX_PARAMETERS:.3g} (4 TiB) are built",
+        )
+
+
 def _validate_ps(spec: JobSpec, fail) -> None:
     """The [ps] section, and the batch split across the workers (not all ranks) of train.strategy = 'ps'."""
     p, j, t = spec.ps, spec.job, spec.train
-    if p.servers < 1:
-        fail("ps.servers", f"must be >= 1, got {p.servers}")
     workers = j.ranks - p.servers
     if workers < 1:
         fail(
@@ -600,22 +794,11 @@ def _validate_ps(spec: JobSpec, fail) -> None:
         )
     if t.device != "cpu":  # servers and workers keep parameters in host memory (no GPU path yet)
         fail("train.device", f"train.strategy = 'ps' runs on cpu only, got {t.device!r}")
-    if p.staleness < 0:
-        fail("ps.staleness", f"must be >= 0, got {p.staleness}")
-    if p.heartbeat_s <= 0:
-        fail("ps.heartbeat_s", f"must be > 0, got {p.heartbeat_s}")
-    if p.timeout_s <= p.heartbeat_s:
-        fail("ps.timeout_s", f"must exceed ps.heartbeat_s ({p.heartbeat_s}), got {p.timeout_s}")
-    if p.simulate_compute_s < 0:
-        fail("ps.simulate_compute_s", f"must be >= 0, got {p.simulate_compute_s}")
 
 
 def _validate_pipeline(spec: JobSpec, fail) -> None:
     """The layout (ranks = stages x data_replicas), the batch split, the cut points."""
     p, t, ranks = spec.parallel, spec.train, spec.job.ranks
-    for key in ("stages", "micro_batches", "data_replicas"):
-        if getattr(p, key) < 1:
-            fail(f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
     if ranks != p.stages * p.data_replicas:
         fail(
             "job.ranks",
@@ -644,17 +827,52 @@ def _validate_pipeline(spec: JobSpec, fail) -> None:
 # ---------------------------------------------------------------------------------------------- TOML out
 
 
+# TOML basic strings must escape '"', '\\' and the control characters other than tab; everything else is
+# written as itself (job.toml is UTF-8). json.dumps is not a TOML writer: it escapes characters beyond the
+# BMP as surrogate pairs ("\\ud83d\\ude80"), which TOML rejects.
+_TOML_ESCAPES = {i: f"\\u{i:04x}" for i in [*range(0x20), 0x7F]} | {
+    ord('"'): '\\"',
+    ord("\\"): "\\\\",
+    ord("\b"): "\\b",
+    ord("\t"): "\\t",
+    ord("\n"): "\\n",
+    ord("\f"): "\\f",
+    ord("\r"): "\\r",
+}
+
+
+def toml_string(s: str) -> str:
+    """``s`` as a TOML basic string that reads back as exactly ``s``, whatever Unicode it holds.
+
+    Lone surrogates (how Python spells the bytes of a file name that are not UTF-8) are not Unicode
+    characters and no TOML file can hold them: ValueError.
+    """
+    bad = _lone_surrogate(s)
+    if bad is not None:
+        raise ValueError(f"{s!r}: {bad}")
+    return '"' + s.translate(_TOML_ESCAPES) + '"'
+
+
+def _lone_surrogate(s: str) -> str | None:
+    """Why ``s`` cannot be written as UTF-8 (TOML, JSON for the ranks), or None."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds bytes that are not UTF-8 (an undecodable file name?), which a TOML file cannot store"
+    return None
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
-        return repr(v)
+        return repr(v)  # nan, inf and -inf are TOML too
     if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
+        return toml_string(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{toml_string(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {type(v).__name__} as TOML")
 
 

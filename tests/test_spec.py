@@ -120,3 +120,45 @@ def test_validate_prints_resolved_spec(tmp_path: Path) -> None:
     resolved = write(tmp_path, proc.stdout)
     spec = load_spec(resolved)
     assert spec.job.ranks == 4 and spec.train.lr == 0.05
+
+
+@pytest.mark.parametrize(
+    "item, key, fragment",
+    [
+        ("job.name.x=1", "job.name", "not a table: cannot set job.name.x"),
+        ("model.hidden.width=3", "model.hidden", "not a table"),
+        ('job.run_dir="runs/dir\\ud83d\\ude80"', "job.run_dir", "is not valid TOML"),
+        ("train.lr=[0.1", "train.lr", "is not valid TOML"),
+    ],
+)
+def test_bad_overrides_are_one_line_naming_the_key(item: str, key: str, fragment: str) -> None:
+    """--set into a value that is not a table, or a quoted value that is not TOML (which used to become a
+    string with its quotes in it: --run-dir runs/dir🚀 wrote to ./"runs/dir\\ud83d\\ude80"/)."""
+    with pytest.raises(SpecError) as err:
+        load_spec(ROOT / "jobs/digits.toml", [item])
+    msg = str(err.value)
+    assert msg.startswith(f"{ROOT / 'jobs/digits.toml'}: {key}:") and fragment in msg and "\n" not in msg
+    with pytest.raises(SpecError, match=f"^<defaults>: {key}"):  # no file: the key is not there to hit
+        load_spec(None, [item])
+
+
+def test_bare_word_dates_are_text() -> None:
+    """No key takes a date: --set job.name=2024-05-01 means the name, not a TOML date."""
+    spec = load_spec(None, ["job.name=2024-05-01", "model.args.when=07:32:00"])
+    assert spec.job.name == "2024-05-01" and spec.model.args == {"when": "07:32:00"}
+
+
+def test_run_dir_flag_round_trips_unicode_and_refuses_undecodable_names() -> None:
+    import os
+
+    from hpcai.cli import _load, build_parser
+    from hpcai.errors import UserError
+
+    args = build_parser().parse_args(
+        ["validate", "--run-dir", 'runs/dir🚀 "q"\\\n', "--set", "job.name=rocket🚀"]
+    )
+    spec = _load(args)
+    assert spec.job.run_dir == 'runs/dir🚀 "q"\\\n' and spec.job.name == "rocket🚀"
+    args = build_parser().parse_args(["validate", "--run-dir", os.fsdecode(b"runs/caf\xe9")])
+    with pytest.raises(UserError, match=r"^--run-dir: 'runs/caf\\udce9': holds bytes that are not UTF-8"):
+        _load(args)
