@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hpcai import resources
 from hpcai.errors import UserError
 
 
@@ -78,7 +79,7 @@ def _run(run_dir: Path, data: Path, hidden: str, steps: int, ranks: int, extra: 
         "-m",
         "hpcai",
         "run",
-        "jobs/digits.toml",
+        str(resources.example_job("digits")),
         "--run-dir",
         str(run_dir),
         "-n",

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hpcai import resources
 from hpcai.errors import UserError
 
 
@@ -46,7 +47,8 @@ def run_pipeline_job(
         "checkpoint.final=false",
         "checkpoint.every_seconds=0",
     ]
-    cmd = [sys.executable, "-m", "hpcai", "run", "jobs/digits_pipeline.toml", "-n", str(ranks)]
+    job = str(resources.example_job("digits_pipeline"))
+    cmd = [sys.executable, "-m", "hpcai", "run", job, "-n", str(ranks)]
     cmd += ["--run-dir", str(run_dir), "--resume", "never"]
     for s in sets:
         cmd += ["--set", s]

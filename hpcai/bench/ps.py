@@ -30,6 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from hpcai import resources
 from hpcai.errors import UserError
 
 MODES = ("bsp", "ssp", "async")
@@ -68,8 +69,9 @@ def _accuracy(tmp: Path, data: Path, args: argparse.Namespace, out: dict) -> Non
     ps_acc, dp_acc = [], []
     for seed in range(args.seeds):
         sets = [f"train.seed={seed}", *args.set]
-        ps = _run(tmp / f"acc-ps-{seed}", data, "jobs/digits_ps.toml", ["ps.mode=async", *sets], [])
-        dp = _run(tmp / f"acc-dp-{seed}", data, "jobs/digits.toml", sets, ["-n", "4"])
+        ps_job = str(resources.example_job("digits_ps"))
+        ps = _run(tmp / f"acc-ps-{seed}", data, ps_job, ["ps.mode=async", *sets], [])
+        dp = _run(tmp / f"acc-dp-{seed}", data, str(resources.example_job("digits")), sets, ["-n", "4"])
         ps_acc.append(ps["test_accuracy"])
         dp_acc.append(dp["test_accuracy"])
         print(
@@ -121,7 +123,7 @@ def main(argv: list[str]) -> int:
             f"{'test acc':>8}  {'staleness max/mean':>18}  {'delay max/mean':>14}"
         )
         for mode in MODES:
-            s = _run(tmp / mode, data, "jobs/digits_ps.toml", sets + [f"ps.mode={mode}"],
+            s = _run(tmp / mode, data, str(resources.example_job("digits_ps")), sets + [f"ps.mode={mode}"],
                      ["--slow-rank", f"4:{args.slow_factor}"])  # fmt: skip
             ttt = time_to_target(s["history"], args.target_loss)
             out[f"{mode}_updates_per_s"] = s["updates_per_s"]
