@@ -209,6 +209,10 @@ def _from_factory(cfg: ModelSection, input_shape: tuple[int, ...], num_classes: 
         kwargs["input_shape"] = tuple(input_shape)
     if "num_classes" in params:
         kwargs["num_classes"] = num_classes
+    try:  # a misspelt or missing argument is the spec's fault: name it, before anything runs
+        inspect.signature(fn).bind(**kwargs)
+    except TypeError as e:
+        raise SpecError(f"model.args: {cfg.factory} cannot take them: {e}") from None
     model = fn(**kwargs)
     if not isinstance(model, nn.Module):
         raise SpecError(

@@ -122,7 +122,7 @@ def find_profile(name_or_path: str) -> Path:
     :mod:`hpcai.resources`); with / or .toml: a path."""
     if "/" in name_or_path or name_or_path.endswith(".toml"):
         p = Path(name_or_path)
-        if not p.is_file():
+        if not resources.is_file(p):
             raise ProfileError(f"{name_or_path}: no such cluster profile file")
         return p
     found = resources.find("cluster", f"{name_or_path}.toml")
@@ -143,11 +143,13 @@ def load_profile(name_or_path: str) -> Profile:
     path = find_profile(name_or_path)
     source = str(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ProfileError(f"{source}: not valid TOML: {e}") from None
     except UnicodeDecodeError:
         raise ProfileError(f"{source}: not a text file") from None
+    except OSError as e:
+        raise ProfileError(f"{source}: cannot read: {e.strerror}") from None
     return parse_profile(raw, source)
 
 

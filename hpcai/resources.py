@@ -69,9 +69,17 @@ def search_dirs(kind: str) -> list[Path]:
 def find(kind: str, filename: str) -> Path | None:
     """The first ``DIR/filename`` of :func:`search_dirs` that is a file, or None."""
     for d in search_dirs(kind):
-        if (d / filename).is_file():
+        if is_file(d / filename):
             return d / filename
     return None
+
+
+def is_file(p: Path) -> bool:
+    """``Path.is_file`` that says no (instead of raising) for names the OS refuses (too long, ...)."""
+    try:
+        return p.is_file()
+    except OSError:
+        return False
 
 
 def names(kind: str, suffix: str) -> tuple[list[str], list[str]]:

@@ -225,7 +225,7 @@ def find_template(name_or_path: str) -> Path:
     """``NAME`` -> ./templates/NAME.sbatch.j2, else the shipped one (:mod:`hpcai.resources`); anything with /
     or .j2 is a path."""
     if "/" in name_or_path or name_or_path.endswith(".j2"):
-        if Path(name_or_path).is_file():
+        if resources.is_file(Path(name_or_path)):
             return Path(name_or_path)
         missing = name_or_path
     else:
