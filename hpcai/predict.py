@@ -6,8 +6,10 @@
     mpiexec -n 4 hpcai predict runs/digits --data data/digits --out preds.h5      # already under MPI
 
 The model is rebuilt from ``RUN_DIR/job.toml`` (its [model] section) for the dataset's sample shape and class
-count, and loaded from the newest checkpoint in ``RUN_DIR/checkpoints`` that passes its checksums. Rank r
-scores the contiguous rows ``[N*r/P, N*(r+1)/P)`` of the split, all ranks at once.
+count. Rank 0 chooses the newest checkpoint in ``RUN_DIR/checkpoints`` that passes its checksums, reads it
+once, and broadcasts the model's tensors: every rank scores with that one checkpoint, even while training
+goes on committing newer ones and rotating the chosen one away. Rank r scores the contiguous rows
+``[N*r/P, N*(r+1)/P)`` of the split, all ranks at once.
 
 The output (readable with h5py or h5dump alone) holds, for all N rows of the split in row order:
 ``sample_ids`` (N,) the global row index in the split, ``predictions`` (N, *target) argmax over classes,
@@ -15,35 +17,43 @@ The output (readable with h5py or h5dump alone) holds, for all N rows of the spl
 ``logits`` / softmax ``probabilities`` (N, C, *target); attributes name the run, checkpoint, step, dataset,
 split, ranks, accuracy and throughput.
 
-Writing without MPI-IO: h5py here is built without parallel HDF5, and two processes must never have one HDF5
-file open for writing. Rank 0 creates the file under a temporary name with every dataset at full size, writes
-its slice and closes it; then a token passes rank to rank (``Send``/``Recv`` of one int), and each rank opens
-the file, writes its slice and closes it before passing the token on. Writes are serialized, but no rank holds
-more than its own slice in memory (gathering everything to rank 0 would). A final gather of per-rank counts
-tells rank 0 that every slice is in; it adds the attributes, fsyncs and renames the file to ``--out``. A crash
-leaves only the temporary file; ``--out`` appears complete or not at all.
+Writing: HDF5 never writes to the disk itself. When a write fails under it (a full disk), HDF5 crashes on
+close with a segmentation fault, so its metadata is built in memory (:class:`_Image`, h5py's file-object
+driver) and written by us with plain ``os`` calls, whose failures are ordinary exceptions:
 
-Bad input (no run, no valid checkpoint, a dataset whose samples do not fit the model, an unknown split, an
-existing ``--out`` without ``--overwrite``) is one line on stderr and exit status 2, checked before any rank
-starts.
+- before scoring, rank 0 lays the file out (every dataset contiguous, placed now, not filled), creates it
+  under a temporary name unique to it (``O_EXCL | O_NOFOLLOW``), reserves its full size
+  (``posix_fallocate``: a full disk is found here, before any work) and writes the metadata;
+- each rank writes its rows' bytes at their offsets (``pwrite``), in rank order (a token passed rank to rank)
+  so that no two writers share a file at once on file systems with weak coherence;
+- rank 0 adds the attributes the same way, fsyncs and renames the file to ``--out``.
+
+Every failure is agreed on by all ranks (one small allgather per phase) and reported once by rank 0: bad
+input (no run, no valid checkpoint, a dataset whose samples do not fit the model, an unknown split, an
+existing ``--out`` without ``--overwrite``, ``--out`` naming a directory) and a full disk are one line and
+exit status 2; the temporary file is removed and an existing ``--out`` is left as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hpcai.errors import UserError
+from hpcai.fsio import NoSpaceError, create_exclusive, fsync_dir, is_no_space, temp_name
 
 PROG = "hpcai predict"
+METADATA_BYTES = 64 << 10  # room for HDF5's metadata and the attributes beyond the rows (~10 KB measured)
+BCAST_CHUNK = 256 << 20  # bytes per MPI_Bcast of a tensor (far below the 2 GiB count limit)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,61 +85,109 @@ class Prepared:
     model: Any
     split: Any
     dataset: Any
-    checkpoint: Path
-    step: int
-    num_classes: int
+    checkpoint: Path | None = None  # rank 0 only until broadcast
+    step: int = -1
+    num_classes: int = 0
+    layout: dict[str, tuple[tuple[int, ...], np.dtype]] = field(default_factory=dict)  # dataset: row, dtype
+    weights: dict[str, np.ndarray] = field(default_factory=dict)  # rank 0: the model's arrays, to broadcast
+    weight_attrs: dict[str, Any] = field(default_factory=dict)
 
 
-def prepare(args: argparse.Namespace) -> Prepared:
-    """Every check of the input, in the order a user would fix them; raises UserError (exit 2)."""
-    import torch
-
-    from hpcai import checkpoint as ckpt
+def _build(args: argparse.Namespace) -> Prepared:
+    """The run's model (untrained) for the dataset, and the split; raises UserError (exit 2)."""
     from hpcai.data.shards import ShardedDataset
     from hpcai.models import build_model
     from hpcai.spec import load_spec
 
     if args.ranks < 1 or args.batch < 1:
         raise UserError(f"-n and --batch must be >= 1, got {args.ranks} and {args.batch}")
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"{out}: already exists; choose another --out or pass --overwrite")
-    if not out.parent.is_dir():
-        raise UserError(f"{out}: directory {out.parent} does not exist")
     run_dir = Path(args.run_dir)
     job = run_dir / "job.toml"
     if not job.is_file():
         raise UserError(f"{run_dir}: not a run directory (job.toml missing)")
     # The run's own data.path may be gone or elsewhere: the model only needs --data's shapes.
     spec = load_spec(job, [f"data.path={json.dumps(str(args.data))}", 'data.source=""'])
-    found = ckpt.find_resumable(run_dir, warn=lambda m: None)
-    if found is None:
-        raise UserError(f"{ckpt.checkpoint_dir(run_dir)}: no valid checkpoint to predict with")
-    path, payload = found
     data = ShardedDataset(args.data)
     if args.split not in data.splits:
         raise UserError(f"{args.data}: no split {args.split!r} (has {', '.join(data.splits)})")
-    split = data.splits[args.split]
-    where = f"{args.data}: samples {data.sample_shape} with {data.num_classes} classes"
     try:
         model = build_model(spec.model, data.sample_shape, data.num_classes)
-        ckpt.unpack_model(payload, model)
-    except UserError as e:  # a model that cannot take these samples, or tensors of other shapes
-        raise UserError(f"{where} do not fit the model of {run_dir} ({spec.model.name}): {e}") from None
-    model.eval()
-    if len(split):
-        x, y = split.read_range(0, 1)
+    except UserError as e:  # a model that cannot take these samples
+        raise UserError(
+            f"{_where(args, data)} do not fit the model of {run_dir} ({spec.model.name}): {e}"
+        ) from None
+    return Prepared(model.eval(), data.splits[args.split], data, num_classes=data.num_classes)
+
+
+def _where(args: argparse.Namespace, data: Any) -> str:
+    return f"{args.data}: samples {data.sample_shape} with {data.num_classes} classes"
+
+
+def prepare(args: argparse.Namespace) -> Prepared:
+    """Every check of the input, in the order a user would fix them, and the checkpoint's choice: rank 0
+    (and the launcher, to fail before any rank starts). Raises UserError (exit 2)."""
+    import torch
+
+    from hpcai import checkpoint as ckpt
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory; --out names the output file (e.g. {out / 'preds.h5'})")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out}: already exists; choose another --out or pass --overwrite")
+    if not out.parent.is_dir():
+        raise UserError(f"{out}: directory {out.parent} does not exist")
+    p = _build(args)
+    run_dir = Path(args.run_dir)
+    found = ckpt.find_resumable(run_dir, warn=lambda m: None)
+    if found is None:
+        raise UserError(f"{ckpt.checkpoint_dir(run_dir)}: no valid checkpoint to predict with")
+    p.checkpoint, payload = found
+    p.step = payload.step
+    where = _where(args, p.dataset)
+    try:
+        ckpt.unpack_model(payload, p.model)
+    except UserError as e:  # tensors of other shapes
+        raise UserError(f"{where} do not fit the model of {run_dir}: {e}") from None
+    p.weights = {k: a for k, a in payload.arrays.items() if k.startswith("model/")}
+    p.weight_attrs = dict(payload.attrs)
+    target: tuple[int, ...] = ()
+    label_dtype = np.dtype(np.int64)
+    if len(p.split):
+        x, y = p.split.read_range(0, 1)
         try:
             with torch.no_grad():
-                logits = model(torch.from_numpy(x))
+                logits = p.model(torch.from_numpy(x))
         except (RuntimeError, IndexError, TypeError) as e:  # e.g. float pixels into an embedding
             raise UserError(f"{where} do not fit the model of {run_dir}: {e}") from None
-        if tuple(logits.shape) != (1, data.num_classes, *y.shape[1:]):
+        target, label_dtype = tuple(y.shape[1:]), y.dtype
+        if tuple(logits.shape) != (1, p.num_classes, *target):
             raise UserError(
                 f"{where}: the model gives logits {tuple(logits.shape)[1:]} per sample, the labels need "
-                f"({data.num_classes}, *{tuple(y.shape[1:])})"
+                f"({p.num_classes}, *{target})"
             )
-    return Prepared(model, split, data, path, payload.step, data.num_classes)
+    p.layout = {"sample_ids": ((), np.dtype(np.int64)), "predictions": (target, np.dtype(np.int64))}
+    p.layout["labels"] = (target, label_dtype)
+    for name in ("logits", "probabilities"):
+        if getattr(args, name):
+            p.layout[name] = ((p.num_classes, *target), np.dtype(np.float32))
+    _check_space(out, len(p.split) * _row_bytes(p.layout) + METADATA_BYTES)
+    return p
+
+
+def _row_bytes(layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> int:
+    return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in layout.values())
+
+
+def _check_space(out: Path, need: int) -> None:
+    """Refuse an output the file system cannot hold (an estimate: the reservation in _create is exact)."""
+    try:
+        st = os.statvfs(out.parent)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if st.f_blocks and free < need:  # f_blocks 0: a file system that does not say
+        raise NoSpaceError(f"{out}: no space left on device (the output needs {need:,} bytes, {free:,} free)")
 
 
 def score(p: Prepared, lo: int, hi: int, batch: int, keep_logits: bool) -> dict[str, np.ndarray]:
@@ -163,28 +221,186 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def _create(tmp: Path, n: int, part: dict[str, np.ndarray], probabilities: bool, logits: bool) -> None:
-    """Rank 0: the output file with every dataset at full size (N rows), shapes taken from rank 0's part."""
+# ------------------------------------------------------------------------------------ the output file
+
+
+class _Image:
+    """A file object for h5py's file-object driver: reads come from ``fd`` (None: an empty file) overlaid
+    with what HDF5 wrote, and writes stay in memory until :meth:`commit`. HDF5 writes only metadata here
+    (datasets are placed, not filled), so the memory is a few KB."""
+
+    def __init__(self, fd: int | None):
+        self.fd, self.pos, self.writes = fd, 0, []
+        self.size = os.fstat(fd).st_size if fd is not None else 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset + (0, self.pos, self.size)[whence]
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = max(0, self.size - self.pos if n < 0 else min(n, self.size - self.pos))
+        buf = bytearray(os.pread(self.fd, n, self.pos) if self.fd is not None else b"")
+        buf += bytes(n - len(buf))
+        for at, data in self.writes:  # later writes over earlier ones, as on disk
+            lo, hi = max(at, self.pos), min(at + len(data), self.pos + n)
+            if lo < hi:
+                buf[lo - self.pos : hi - self.pos] = data[lo - at : hi - at]
+        self.pos += n
+        return bytes(buf)
+
+    def write(self, data: bytes) -> int:
+        self.writes.append((self.pos, bytes(data)))
+        self.pos += len(data)
+        self.size = max(self.size, self.pos)
+        return len(data)
+
+    def truncate(self, size: int | None = None) -> int:
+        self.size = self.pos if size is None else size
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+    def commit(self, fd: int) -> None:
+        """Write it all to ``fd``: reserve the file's full size first, so a full disk fails here, cleanly."""
+        try:
+            os.posix_fallocate(fd, 0, self.size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise  # ENOSPC, EDQUOT; a file system that cannot reserve finds out in the writes below
+        for at, data in self.writes:
+            _pwrite_all(fd, memoryview(data), at)
+        if os.fstat(fd).st_size != self.size:
+            os.ftruncate(fd, self.size)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+def _create(
+    out: Path, tmp: Path, n: int, layout: dict[str, tuple[tuple[int, ...], np.dtype]]
+) -> dict[str, Any]:
+    """Rank 0: the output file, under the temporary name ``tmp``, with every dataset at full size (N rows)
+    and its space reserved. Returns each dataset's byte offset (None: no rows), stored dtype and row shape."""
     import h5py
 
-    with h5py.File(tmp, "w", locking=False) as f:
-        for name, a in part.items():
-            if name != "logits" or logits:
-                f.create_dataset(name, (n, *a.shape[1:]), a.dtype)
-        if probabilities:
-            f.create_dataset("probabilities", (n, *part["logits"].shape[1:]), np.float32)
+    image = _Image(None)
+    placed: dict[str, Any] = {}
+    with h5py.File(image, "w") as f:
+        for name, (shape, dtype) in layout.items():
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # placed now, at an offset we can write to
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # and not filled: the ranks write every byte
+            space = h5py.h5s.create_simple((n, *shape))
+            ds = h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(dtype), space, dcpl=dcpl)
+            placed[name] = (ds.get_offset(), ds.dtype.str, shape)
+    try:
+        fd = create_exclusive(tmp)
+    except OSError as e:
+        if is_no_space(e):
+            raise
+        raise UserError(f"{out}: cannot create the output in {out.parent}: {e.strerror}") from None
+    try:
+        image.commit(fd)
+    except BaseException:
+        os.unlink(tmp)  # ours: created above
+        raise
+    finally:
+        os.close(fd)
+    return placed
 
 
-def _write_slice(tmp: Path, lo: int, part: dict[str, np.ndarray], probabilities: bool, logits: bool) -> None:
+def _write_rows(tmp: Path, lo: int, part: dict[str, np.ndarray], placed: dict[str, Any]) -> None:
+    """This rank's rows ``lo:lo+len`` of every dataset, as bytes at their offsets."""
+    if "probabilities" in placed:
+        part = {**part, "probabilities": _softmax(part["logits"])}
+    fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for name, (offset, stored, shape) in placed.items():
+            a = np.ascontiguousarray(part[name], dtype=np.dtype(stored))  # the file's byte order
+            if offset is not None and a.size:
+                row = int(np.prod(shape, dtype=np.int64)) * a.itemsize
+                _pwrite_all(fd, memoryview(a.reshape(-1).view(np.uint8)), offset + lo * row)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _finish(tmp: Path, out: Path, attrs: dict[str, Any]) -> None:
+    """Rank 0: the attributes (through an _Image too), then on disk, then under the final name."""
     import h5py
 
-    with h5py.File(tmp, "r+", locking=False) as f:
-        hi = lo + len(part["sample_ids"])
-        for name, a in part.items():
-            if name != "logits" or logits:
-                f[name][lo:hi] = a
-        if probabilities:
-            f["probabilities"][lo:hi] = _softmax(part["logits"])
+    fd = os.open(tmp, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        image = _Image(fd)
+        with h5py.File(image, "r+") as f:
+            for key, value in attrs.items():
+                f.attrs[key] = value
+        image.commit(fd)
+        os.fsync(fd)  # on disk before the name says it is complete
+    finally:
+        os.close(fd)
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+
+
+# ------------------------------------------------------------------------------------ the ranks
+
+
+class _RankFailure(UserError):
+    """A rank failed in a way that is not the input's fault: one line, exit status 1."""
+
+    exit_code = 1
+
+
+def _agree(comm: Any, error: BaseException | None, out: Path) -> None:
+    """Collective (every rank calls it in the same phase): raise the first failure of any rank, in rank
+    order, on every rank, so that all stop together and rank 0 reports it once. A full disk is named by
+    the output file (exit 2); any other error is one line naming its rank (exit 1)."""
+    mine = None
+    if error is not None:
+        if isinstance(error, UserError):
+            mine = (str(error), error.exit_code)
+        elif is_no_space(error):
+            mine = (f"{out}: no space left on device", 2)
+        else:
+            rank = comm.Get_rank() if comm is not None else 0
+            mine = (f"rank {rank}: {type(error).__name__}: {error}", 1)
+        if comm is None and mine[1] == 1:
+            raise error  # one process: an unexpected error keeps its traceback
+    every = comm.allgather(mine) if comm is not None else [mine]
+    first = next((e for e in every if e is not None), None)
+    if first is not None:
+        message, code = first
+        raise (UserError if code == 2 else _RankFailure)(message)
+
+
+def _share_weights(comm: Any, p: Prepared) -> None:
+    """Rank 0's checkpoint into every other rank's model: one read of one file, whatever training does
+    to the checkpoint directory meanwhile."""
+    from mpi4py import MPI
+
+    from hpcai import checkpoint as ckpt
+
+    header = [(k, a.dtype.str, a.shape) for k, a in p.weights.items()] if comm.Get_rank() == 0 else None
+    header, attrs = comm.bcast((header, p.weight_attrs), root=0)
+    arrays = {}
+    for key, dtype, shape in header:
+        a = p.weights[key] if comm.Get_rank() == 0 else np.empty(shape, np.dtype(dtype))
+        a = np.ascontiguousarray(a)
+        flat = a.reshape(-1).view(np.uint8)
+        for at in range(0, len(flat), BCAST_CHUNK):
+            comm.Bcast([flat[at : at + BCAST_CHUNK], MPI.BYTE], root=0)
+        arrays[key] = a
+    if comm.Get_rank() != 0:
+        ckpt.unpack_model(ckpt.Payload(arrays, attrs), p.model)
+    p.weights = {}
 
 
 def run(args: argparse.Namespace, comm: Any) -> dict[str, Any] | None:
@@ -192,36 +408,80 @@ def run(args: argparse.Namespace, comm: Any) -> dict[str, Any] | None:
     from hpcai.data.loader import shard_range
 
     rank, world = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
-    p = prepare(args)  # every rank: same inputs, same verdict (so none waits on a rank that gave up)
     out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid() if comm is None else comm.bcast(os.getpid())}")
-    n = len(p.split)
-    rows = shard_range(n, rank, world)
-    if comm is not None:
-        comm.Barrier()  # start the clock together: model loading is not throughput
-    t0 = time.perf_counter()
-    need_logits = args.logits or args.probabilities
-    part = score(p, rows.start, rows.stop, args.batch, need_logits)
-    score_s = time.perf_counter() - t0
-    if rank == 0:
-        _create(tmp, n, part, args.probabilities, args.logits)
-    # The write token: rank r writes after rank r - 1 closed the file (one HDF5 writer at a time).
-    token = np.zeros(1, np.int64)
-    if rank > 0:
-        comm.Recv([token, 1, _mpi_int()], source=rank - 1, tag=7)
-    _write_slice(tmp, rows.start, part, args.probabilities, args.logits)
-    if rank + 1 < world:
-        comm.Send([token, 1, _mpi_int()], dest=rank + 1, tag=7)
-    target = part["labels"]
-    counts = np.array([(part["predictions"] == target).sum(), target.size, len(target)], np.float64)
-    mine = (counts, score_s)
-    every = comm.gather(mine, root=0) if comm is not None else [mine]  # small metadata: pickled is fine
-    if rank != 0:
-        return None
+    p: Prepared | None = None
+    tmp: Path | None = None
+    placed: dict[str, Any] = {}
+    error: BaseException | None = None
+    try:
+        try:  # rank 0 checks everything and lays the file out; the others build the model meanwhile
+            if rank == 0:
+                p = prepare(args)
+                placed = _create(out, name := temp_name(out), len(p.split), p.layout)
+                tmp = name  # from here on, removed on any failure
+            else:
+                p = _build(args)
+        except Exception as e:  # noqa: BLE001 - agreed on below, reported once
+            error = e
+        _agree(comm, error, out)
+        assert p is not None
+        if comm is not None:
+            tmp, placed, p.checkpoint, p.step = comm.bcast((tmp, placed, p.checkpoint, p.step), root=0)
+            try:
+                _share_weights(comm, p)
+            except Exception as e:  # noqa: BLE001
+                error = e
+            _agree(comm, error, out)  # also starts the clock together: model loading is not throughput
+        n = len(p.split)
+        rows = shard_range(n, rank, world)
+        t0 = time.perf_counter()
+        counts, score_s = np.zeros(3), 0.0
+        try:
+            part = score(p, rows.start, rows.stop, args.batch, args.logits or args.probabilities)
+            score_s = time.perf_counter() - t0
+            target = part["labels"]
+            counts = np.array([(part["predictions"] == target).sum(), target.size, len(target)], np.float64)
+        except Exception as e:  # noqa: BLE001
+            error = e
+        # The write token: rank r writes after rank r - 1 closed the file (one writer at a time).
+        token = np.zeros(1, np.int64)
+        if rank > 0:
+            comm.Recv([token, 1, _mpi_int()], source=rank - 1, tag=7)
+        try:
+            if error is None:
+                _write_rows(tmp, rows.start, part, placed)
+        except Exception as e:  # noqa: BLE001
+            error = e
+        finally:
+            if rank + 1 < world:
+                comm.Send([token, 1, _mpi_int()], dest=rank + 1, tag=7)
+        _agree(comm, error, out)
+        mine = (counts, score_s)
+        every = comm.gather(mine, root=0) if comm is not None else [mine]  # small metadata: pickled is fine
+        report = None
+        try:
+            if rank == 0:
+                report = _report(args, p, world, n, every, time.perf_counter() - t0)
+                _finish(tmp, out, report)
+                tmp = None
+        except Exception as e:  # noqa: BLE001
+            error = e
+        _agree(comm, error, out)
+        return report
+    finally:
+        if tmp is not None and rank == 0:  # anything failed, Ctrl-C included: no temporary left
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
+def _report(args: argparse.Namespace, p: Prepared, world: int, n: int, every: list, wall: float) -> dict:
     correct, targets, written = np.sum([c for c, _ in every], axis=0)
-    wall = time.perf_counter() - t0
-    report = {
-        "out": str(out),
+    if int(written) != n:
+        raise RuntimeError(f"wrote {int(written)} rows of {n}")
+    return {
+        "out": str(args.out),
         "run_dir": str(args.run_dir),
         "checkpoint": str(p.checkpoint),
         "step": p.step,
@@ -234,17 +494,6 @@ def run(args: argparse.Namespace, comm: Any) -> dict[str, Any] | None:
         "wall_s": wall,
         "samples_per_s": n / wall if wall > 0 else 0.0,
     }
-    if int(written) != n:
-        raise RuntimeError(f"wrote {int(written)} rows of {n}")
-    import h5py
-
-    with h5py.File(tmp, "r+", locking=False) as f:
-        for key, value in report.items():
-            f.attrs[key] = value
-    with open(tmp, "rb+") as fh:  # on disk before the name says it is complete
-        os.fsync(fh.fileno())
-    os.replace(tmp, out)
-    return report
 
 
 def _mpi_int():
@@ -259,8 +508,8 @@ def predict_command(args: argparse.Namespace) -> int:
 
     if mpi_environment():
         return _rank_main(args)
-    prepare(args)  # bad input: one line, exit 2, before any rank starts (the ranks check again, cheaply)
     if args.ranks > 1:
+        prepare(args)  # bad input: one line, exit 2, before any rank starts (rank 0 checks again, cheaply)
         return run_ranks(args.ranks, ["-m", "hpcai", *_argv(args)])
     report = run(args, None)
     _print_report(report)
@@ -278,7 +527,8 @@ def _print_report(r: dict[str, Any]) -> None:
 
 
 def _rank_main(args: argparse.Namespace) -> int:
-    """One rank under mpiexec/srun. A failure on any rank after the checks aborts every rank."""
+    """One rank under mpiexec/srun. Failures every rank agreed on are said once, by rank 0; anything else
+    on one rank (a bug between the agreed phases) aborts every rank."""
     from mpi4py import MPI
 
     from hpcai.comm.abort import abort_job
@@ -289,11 +539,11 @@ def _rank_main(args: argparse.Namespace) -> int:
         print(f"{PROG}: note: running on the {comm.Get_size()} ranks of this MPI world", file=sys.stderr)
     try:
         report = run(args, comm)
-    except UserError as e:  # every rank reached the same verdict in prepare(): rank 0 alone says it
+    except UserError as e:  # every rank raised the same agreed failure: rank 0 alone says it
         if rank == 0:
             sys.stderr.write(f"hpcai: error: {e}\n")
         return e.exit_code
-    except BaseException as e:  # noqa: BLE001 - a rank failing mid-write must not leave others waiting
+    except BaseException as e:  # noqa: BLE001 - a rank failing outside the agreed phases must not leave others waiting
         line = f"{PROG}: rank {rank}: error: {type(e).__name__}: {e}"
         if comm.Get_size() > 1:
             abort_job(line, 1, comm)

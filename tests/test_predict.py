@@ -24,31 +24,36 @@ from hpcai.train import make_optimizer
 from tests.conftest import ROOT, cli_env, run_cli
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory: pytest.TempPathFactory, digits_dataset: Path) -> Path:
-    """A run directory as `hpcai run` leaves it (job.toml, a final checkpoint), made in-process in a second:
-    a few SGD steps on one process, saved with the trainer's own checkpoint code."""
-    run_dir = tmp_path_factory.mktemp("predict") / "run"
-    spec = load_spec(None, [f"data.path={json.dumps(str(digits_dataset))}"])
-    run_dir.mkdir()
+def make_run(run_dir: Path, data: Path, step: int = 10, seed: int = 0) -> Path:
+    """A run directory as `hpcai run` leaves it (job.toml, a checkpoint at ``step``), made in-process in a
+    second: ``step`` SGD steps on one process from ``seed``, saved with the trainer's own checkpoint code."""
+    spec = load_spec(None, [f"data.path={json.dumps(str(data))}"])
+    run_dir.mkdir(exist_ok=True)
     (run_dir / "job.toml").write_text(spec.to_toml())
-    torch.manual_seed(0)
-    ds = ShardedDataset(digits_dataset)
+    torch.manual_seed(seed)
+    ds = ShardedDataset(data)
     model = build_model(spec.model, ds.sample_shape, ds.num_classes)
     opt = make_optimizer(model, spec.train)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _s: 1.0)
     x, y = ds.splits["train"].read_range(0, 640)
-    for i in range(10):
+    for i in range(step):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(
-            model(torch.from_numpy(x[i::10])), torch.from_numpy(y[i::10])
+            model(torch.from_numpy(x[i % 10 :: 10])), torch.from_numpy(y[i % 10 :: 10])
         ).backward()
         opt.step()
     ds.close()
     payload = ckpt.pack_state(model, opt, sched)
-    payload.attrs.update(step=10, epoch=0, step_in_epoch=10, world_size=1, spec=json.dumps(spec.to_dict()))
-    ckpt.write_checkpoint(ckpt.checkpoint_path(run_dir, 10), payload)
+    payload.attrs.update(
+        step=step, epoch=0, step_in_epoch=step, world_size=1, spec=json.dumps(spec.to_dict())
+    )
+    ckpt.write_checkpoint(ckpt.checkpoint_path(run_dir, step), payload)
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, digits_dataset: Path) -> Path:
+    return make_run(tmp_path_factory.mktemp("predict") / "run", digits_dataset)
 
 
 def reference(run_dir: Path, data: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
