@@ -8,6 +8,10 @@
 
 With ``-n N > 1`` outside MPI the build relaunches itself as ``mpiexec -n N python -m hpcai data build ...``
 (like ``hpcai run``); under mpiexec/srun every rank runs in-process. Only rank 0 prints.
+
+SIGTERM, SIGINT and SIGHUP stop a build promptly: the handler raises, the build removes its temporary
+directory, and the command prints one line and exits 128 + the signal's number (143, 130, 129). A signal
+ignored when the build started (``nohup``, a background job) stays ignored.
 """
 
 from __future__ import annotations
@@ -16,10 +20,14 @@ import argparse
 import json
 import os
 import shutil
-import time
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hpcai.errors import UserError
+from hpcai.fsio import temp_name
 
 TMP_ENV = "HPCAI_DATA_TMP"  # the temporary directory's name, chosen by the launcher so it can clean up
 
@@ -68,6 +76,36 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"{out}: already exists; remove it, choose another --out, or pass --overwrite")
 
 
+_STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+
+
+@contextmanager
+def _signals_stop_the_build() -> Iterator[list[int]]:
+    """Make SIGTERM/SIGHUP raise SystemExit(128 + n) and SIGINT KeyboardInterrupt, so that the build's
+    cleanup runs; the signals received are appended to the yielded list. Later signals are ignored: the
+    cleanup they would interrupt is short."""
+    got: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        if got:
+            return
+        got.append(signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    previous = {}
+    for name in _STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield got
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def build_command(args: argparse.Namespace) -> int:
     from hpcai.data.etl import build_dataset
     from hpcai.launch import mpi_environment, run_ranks
@@ -75,10 +113,12 @@ def build_command(args: argparse.Namespace) -> int:
     _check(args)
     if args.ranks > 1 and not mpi_environment():
         out = Path(args.out)
-        tmp = f".{out.name}.tmp-{os.getpid()}-{time.time_ns()}"
+        tmp = temp_name(out).name  # unique to this build; rank 0 creates it
         os.environ[TMP_ENV] = tmp
-        code = run_ranks(args.ranks, ["-m", "hpcai", *_argv(args)])
-        shutil.rmtree(out.parent / tmp, ignore_errors=True)  # a rank killed hard cannot clean up: we do
+        try:
+            code = run_ranks(args.ranks, ["-m", "hpcai", *_argv(args)])
+        finally:
+            shutil.rmtree(out.parent / tmp, ignore_errors=True)  # a rank killed hard cannot clean up: we do
         return code
     comm = None
     if mpi_environment():
@@ -86,6 +126,22 @@ def build_command(args: argparse.Namespace) -> int:
 
         comm = MPI.COMM_WORLD
     rank = comm.Get_rank() if comm is not None else 0
+    with _signals_stop_the_build() as got:
+        try:
+            return _build(args, comm, rank, build_dataset)
+        except (KeyboardInterrupt, SystemExit):
+            if not got:
+                raise
+            if rank == 0:
+                name = signal.Signals(got[0]).name
+                sys.stderr.write(
+                    f"hpcai: error: {args.out}: build stopped by {name} before it finished; "
+                    "its temporary files were removed\n"
+                )
+            return 128 + got[0]
+
+
+def _build(args: argparse.Namespace, comm, rank: int, build_dataset) -> int:
     try:
         build_dataset(
             args.source,

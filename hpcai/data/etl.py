@@ -17,15 +17,21 @@ Command lines::
     python -m hpcai.data.etl digits data/digits               # one process, defaults
 
 Every rank writes the shards ``r, r + world, ...`` of the list of all shards of all splits. The directory is
-built under a temporary name beside DIR and renamed by rank 0 after every rank reported success, so a crash
-never leaves a half-built dataset that looks valid; any rank's failure removes the temporary directory.
+built under a temporary name beside DIR (``.DIR.tmp-HOST-PID-TOKEN``) and renamed by rank 0 after every
+rank reported success, so a crash never leaves a half-built dataset that looks valid. Any failure, and any
+``BaseException`` (``KeyboardInterrupt``, a ``SystemExit`` raised by a signal handler), removes the temporary
+directory on rank 0 and is re-raised; a killed build's leftovers are removed by the next build of DIR.
+
+Rank 0 holds DIR's lock (:mod:`hpcai.data.publish`) from its first check to the final rename: a second build
+of DIR is refused, never mixed in. Before writing, rank 0 checks that the uncompressed shards fit the free
+space; shards are written through :mod:`hpcai.data.h5write`, so a full disk is one line naming the file
+(exit 2), never HDF5's crash, and an existing dataset at DIR stays as it was.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -36,10 +42,13 @@ import h5py
 import numpy as np
 
 from hpcai.crc import crc32c
+from hpcai.data.h5write import h5_create
+from hpcai.data.manifest import FORMAT_VERSION
+from hpcai.data.publish import check_free_space, lock_output, publish, remove_stale_builds
 from hpcai.data.sources import Source, open_source
 from hpcai.errors import DatasetError, UserError
+from hpcai.fsio import NoSpaceError, atomic_write_text, is_no_space, no_space, temp_name
 
-FORMAT_VERSION = 2
 CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: big sequential reads; random batches come from the loader's cache
 BLOCK_BYTES = 64 << 20  # rows transformed and written per step: bounds memory whatever the shard size
 CHECKSUMS = ("crc32c", "fletcher32", "none")
@@ -68,22 +77,24 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def split_indices(
-    n: int, test_fraction: float, seed: int, val_fraction: float = 0.0
+    n: int, test_fraction: float, seed: int, val_fraction: float = 0.0, name: str = "source"
 ) -> tuple[np.ndarray, ...]:
     """A seeded permutation cut into sorted (train, test) index arrays, or (train, test, val) with val rows.
 
     The test rows are the permutation's head whatever ``val_fraction`` is, so adding a val split never moves a
-    sample into or out of the test set.
+    sample into or out of the test set. Every split gets at least one row, or DatasetError naming ``name``.
     """
     perm = np.random.default_rng(seed).permutation(n)
     n_test = max(1, int(round(n * test_fraction)))
+    n_val = max(1, int(round(n * val_fraction))) if val_fraction else 0
+    if n_test + n_val >= n:
+        splits = f"test fraction {test_fraction}" + (f" and val fraction {val_fraction}" if n_val else "")
+        raise DatasetError(
+            f"{name}: {n} sample{'s' if n != 1 else ''} cannot make a training split and a test split "
+            f"with {splits} (each split needs at least 1 sample: at least {n_test + n_val + 1} needed)"
+        )
     if not val_fraction:
         return np.sort(perm[n_test:]), np.sort(perm[:n_test])
-    n_val = max(1, int(round(n * val_fraction)))
-    if n_test + n_val >= n:
-        raise DatasetError(
-            f"{n} samples leave no training split with test {test_fraction} and val {val_fraction}"
-        )
     return np.sort(perm[n_test + n_val :]), np.sort(perm[:n_test]), np.sort(perm[n_test : n_test + n_val])
 
 
@@ -160,7 +171,8 @@ def write_shard(
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-    with h5py.File(path, "w") as f:
+    # Through h5write: a full disk or a signal is raised here as one exception, after HDF5 closed cleanly.
+    with h5_create(path) as (f, check):
         # Chunks of whole rows, ~1 MiB: a sequential read is a few large reads. A checksum per chunk lets the
         # reader catch a corrupted shard at read time, naming the file: "crc32c" (default) is ours, stored in
         # x_crc32c beside unfiltered data that the reader reads like dd (CRC-32C runs at ~16 GB/s a core
@@ -180,6 +192,7 @@ def write_shard(
             x, y = src.rows(rows[lo : lo + block])
             dx[lo : lo + len(x)] = x
             dy[lo : lo + len(y)] = y
+            check()  # a failed write (or an interrupt) stops the shard now, not after all its blocks
             if checksum == "crc32c":
                 xs = np.ascontiguousarray(x, dtype=src.x_dtype)
                 crcs += [crc32c(xs[c : c + chunk]) for c in range(0, len(xs), chunk)]
@@ -229,22 +242,41 @@ class _Progress:
 def _collective(comm, fn: Callable, root_only: bool = False):
     """Run ``fn`` (on rank 0 only if ``root_only``); every rank learns every rank's result or error.
 
-    Errors travel as (is_user_error, message) instead of aborting, so all ranks leave the build together and
-    rank 0 can remove the temporary directory: no rank waits forever in a collective, nothing is left behind.
+    Errors travel as (user error class or None, message) instead of aborting, so all ranks leave the build
+    together and rank 0 can remove the temporary directory: no rank waits forever in a collective, nothing
+    is left behind. A full disk (``OSError`` ENOSPC from anywhere) travels as the user error it is.
     """
     rank = comm.Get_rank() if comm is not None else 0
     try:
         result = (True, fn()) if (not root_only or rank == 0) else (True, None)
     except UserError as e:
-        result = (False, (True, str(e)))
+        result = (False, (type(e), str(e)))
     except Exception as e:  # noqa: BLE001 - reported to every rank, re-raised below
-        result = (False, (False, f"rank {rank}: {type(e).__name__}: {e}"))
+        if is_no_space(e):
+            result = (False, (NoSpaceError, str(no_space(getattr(e, "filename", None) or "dataset", e))))
+        else:
+            result = (False, (None, f"rank {rank}: {type(e).__name__}: {e}"))
     results = comm.allgather(result) if comm is not None else [result]
     for ok, value in results:
         if not ok:
-            user, msg = value
-            raise DatasetError(msg) if user else RuntimeError(msg)
+            cls, msg = value
+            if cls is None:
+                raise RuntimeError(msg)
+            try:
+                error = cls(msg)
+            except TypeError:  # a subclass that takes other arguments: the message is what counts
+                error = DatasetError(msg)
+            raise error
     return [value for _, value in results]
+
+
+def _estimate_bytes(src: Source, plan: list[dict], compression: str) -> int:
+    """The shards' size before compression (x, y, checksums, HDF5's own ~64 KiB a file); 0 if compressed."""
+    if compression != "none":
+        return 0  # compressed size is unknown beforehand: a full disk is then caught while writing
+    row = int(np.prod(src.sample_shape)) * src.x_dtype.itemsize + int(np.prod(src.y.shape[1:])) * 8
+    rows = sum(len(t["rows"]) for t in plan)
+    return rows * row + len(plan) * (64 << 10) + rows * row // (CHUNK_BYTES // 4)
 
 
 def build_dataset(
@@ -262,9 +294,15 @@ def build_dataset(
     overwrite: bool = False,
     comm=None,
     tmp_name: str | None = None,
+    wait: bool = False,
 ) -> Path:
     """Build ``source`` into a sharded dataset at ``out``; every rank of ``comm`` (None: just this process)
-    writes its share of the shards. Refuses an existing ``out`` unless ``overwrite``."""
+    writes its share of the shards. Refuses an existing ``out`` unless ``overwrite``.
+
+    Another build of ``out`` in progress: DatasetError at once, or with ``wait`` (the training worker's
+    automatic build) wait for it and use what it built. Any exception, ``BaseException`` included, removes
+    this build's temporary files before it is re-raised.
+    """
     out = Path(out)
     rank = comm.Get_rank() if comm is not None else 0
     world = comm.Get_size() if comm is not None else 1
@@ -274,56 +312,76 @@ def build_dataset(
         raise UserError(f"--compression: {compression!r} is not one of {', '.join(COMPRESSION)}")
     if checksum not in CHECKSUMS:
         raise UserError(f"--checksum: {checksum!r} is not one of {', '.join(CHECKSUMS)}")
+    lock = None
+    tmp: Path | None = None  # rank 0 removes it on any failure
 
-    def prepare() -> str:
+    def prepare() -> str | None:
+        nonlocal lock, tmp
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DatasetError(f"{out.parent}: cannot create the directory: {e.strerror}") from None
+        lock = lock_output(out, wait=wait, say=say)  # held until the dataset is published (or not)
         if out.exists():
+            if wait and not overwrite and (out / "manifest.json").is_file():
+                return None  # built meanwhile by the build we waited for: use it
             if not overwrite:
                 raise DatasetError(
                     f"{out}: already exists; remove it, choose another --out, or pass --overwrite"
                 )
-            if not (out / "manifest.json").is_file() and any(out.iterdir()):
+            if not out.is_dir() or (not (out / "manifest.json").is_file() and any(out.iterdir())):
                 raise DatasetError(
                     f"{out}: exists and is not a dataset (no manifest.json); not overwriting it"
                 )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / (tmp_name or f".{out.name}.tmp-{os.getpid()}-{time.time_ns()}")
+        remove_stale_builds(out)  # what killed builds of `out` left: no live writer, we hold the lock
+        tmp = out.parent / (tmp_name or temp_name(out).name)  # set first: a signal after mkdir still cleans
         tmp.mkdir()
         return str(tmp)
 
-    tmp = Path(_collective(comm, prepare, root_only=True)[0])
     try:
-        src_box: list[Source] = []
+        name = _collective(comm, prepare, root_only=True)[0]
+        if name is None:
+            say(f"{out}: built meanwhile by another process: using it")
+            return out
+        tmp = Path(name)
+        box: dict = {}  # this rank's source and plan (the plan's row lists stay local: not gathered)
 
-        def transform() -> list[dict]:
-            src = open_source(source, label_column)  # every rank: metadata and labels only, rows come lazily
-            src_box.append(src)
+        def plan_build() -> dict:
+            src = box["src"] = open_source(source, label_column)  # metadata and labels; rows come lazily
+            num_classes = src.class_count()  # labels in [0, num_classes), num_classes bounded
             if src.splits is not None:
                 split_rows = src.splits
             else:
-                parts = split_indices(len(src), test_fraction, seed, val_fraction)
+                parts = split_indices(len(src), test_fraction, seed, val_fraction, name=src.name)
                 split_rows = dict(zip(("train", "test", "val"), parts, strict=False))
-            plan = plan_shards(split_rows, shards)
-            mine = plan[rank::world]
+            plan = box["plan"] = plan_shards(split_rows, shards)
+            if rank == 0:
+                check_free_space(out, _estimate_bytes(src, plan, compression))
+            return {"split_rows": {k: len(v) for k, v in split_rows.items()}, "num_classes": num_classes}
+
+        info = _collective(comm, plan_build)[0]
+        src, plan = box["src"], box["plan"]
+
+        def transform() -> list[dict]:
             progress = _Progress(say, world, len(src), enabled=rank == 0)
-            return [write_shard(tmp, t, src, compression, checksum, progress) for t in mine] + [
-                {
-                    "plan": [(t["split"], t["file"]) for t in plan],
-                    "split_rows": {k: len(v) for k, v in split_rows.items()},
-                }
-            ]
+            done = []
+            for t in plan[rank::world]:
+                try:
+                    done.append(write_shard(tmp, t, src, compression, checksum, progress))
+                except NoSpaceError:  # named after what the user asked for, not our temporary directory
+                    raise NoSpaceError(f"{out}: no space left on device (writing {t['file']})") from None
+            return done
 
         per_rank = _collective(comm, transform)
 
         def commit() -> None:
-            src = src_box[0]
-            results = {r["entry"]["file"]: r for part in per_rank for r in part[:-1]}
-            info = per_rank[0][-1]
+            results = {r["entry"]["file"]: r for part in per_rank for r in part}
             moments = Moments(src.sample_shape[0] if len(src.sample_shape) >= 2 else 1)
             splits: dict[str, dict] = {s: {"rows": n, "shards": []} for s, n in info["split_rows"].items()}
-            for split, name in info["plan"]:
-                r = results[name]
-                splits[split]["shards"].append(r["entry"])
-                if split == "train":
+            for t in plan:
+                r = results[t["file"]]
+                splits[t["split"]]["shards"].append(r["entry"])
+                if t["split"] == "train":
                     moments.merge(*r["moments"])
             manifest = {
                 "format": "hpcai-sharded-hdf5",
@@ -333,8 +391,7 @@ def build_dataset(
                 "x_dtype": str(src.x_dtype),
                 "y_dtype": "int64",
                 "y_shape": list(src.y.shape[1:]),
-                "num_classes": src.num_classes
-                or (int(src.y.max()) + 1 if src.classes is None else len(src.classes)),
+                "num_classes": info["num_classes"],
                 "classes": src.classes,
                 "split_seed": seed,
                 "test_fraction": test_fraction if src.splits is None else None,
@@ -347,29 +404,24 @@ def build_dataset(
                 "built_with_ranks": world,
                 "splits": splits,
             }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            if out.exists():  # --overwrite, checked in prepare(): move the old one aside, then remove it
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                os.rename(out, old)
-                os.rename(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-                return
             try:
-                os.rename(tmp, out)  # atomic; fails if another process built a non-empty `out` meanwhile
-            except OSError:
-                if not (out / "manifest.json").is_file():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)  # theirs is complete: keep it
+                atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+            except NoSpaceError:
+                raise NoSpaceError(f"{out}: no space left on device (writing manifest.json)") from None
+            publish(tmp, out)  # under the lock; an existing dataset is swapped out in one rename
 
         _collective(comm, commit, root_only=True)
     except BaseException:
-        if rank == 0:
+        if rank == 0 and tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    rows = sum(per_rank[0][-1]["split_rows"].values())
-    nbytes = sum(r["entry"]["bytes"] for part in per_rank for r in part[:-1])
+    finally:
+        if lock is not None:
+            lock.release()
+    rows = sum(info["split_rows"].values())
+    nbytes = sum(r["entry"]["bytes"] for part in per_rank for r in part)
     dt = time.perf_counter() - t0
-    counts = ", ".join(f"{v} {k}" for k, v in per_rank[0][-1]["split_rows"].items())
+    counts = ", ".join(f"{v} {k}" for k, v in info["split_rows"].items())
     say(
         f"built {out}: {rows} samples ({counts}) on {world} rank(s) in {dt:.2f} s "
         f"({nbytes / dt / 1e6:.0f} MB/s, {rows / dt:,.0f} samples/s)"

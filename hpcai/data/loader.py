@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from hpcai.data.shards import ShardedSplit
+from hpcai.errors import DatasetError
 
 # transform(x, epoch, step, offset, global_batch) -> x; offset: this rank's first position in the global batch
 Transform = Callable[[np.ndarray, int, int, int, int], np.ndarray]
@@ -32,6 +33,18 @@ Transform = Callable[[np.ndarray, int, int, int, int], np.ndarray]
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def check_batch_fits(split: ShardedSplit, global_batch: int, key: str = "train.batch_size") -> None:
+    """Refuse a global batch larger than the split: not one full batch per epoch (DatasetError, exit 2).
+
+    Every rank's share of a batch is then filled too, since ranks take equal parts of one global batch.
+    """
+    if global_batch > len(split):
+        raise DatasetError(
+            f"{key}: global batch {global_batch} is larger than the {split.split} split of {split.root} "
+            f"({len(split)} samples): choose a batch of at most {len(split)}"
+        )
 
 
 class BatchLoader:
@@ -56,6 +69,8 @@ class BatchLoader:
     ):
         if global_batch % world:
             raise ValueError(f"global batch {global_batch} does not divide across {world} ranks")
+        if drop_last:  # padded batches (drop_last=False) are full whatever the split's size
+            check_batch_fits(split, global_batch)
         self.split, self.global_batch, self.rank, self.world = split, global_batch, rank, world
         self.local_batch = global_batch // world
         self.seed, self.prefetch, self.readers = seed, prefetch, max(1, readers)

@@ -31,6 +31,7 @@ import numpy as np
 
 from hpcai.crc import crc32c
 from hpcai.data.etl import sha256_file
+from hpcai.data.manifest import validate_manifest
 from hpcai.errors import DatasetError
 
 SEQ_BLOCK_BYTES = 4 << 20  # read_range with threads: block size (dd's bs=4M)
@@ -290,24 +291,20 @@ class ShardedDataset:
         self.root = Path(path)
         mpath = self.root / "manifest.json"
         try:
-            self.manifest = json.loads(mpath.read_text())
+            self.manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise DatasetError(f"{mpath}: no dataset here (manifest.json missing)") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DatasetError(f"{mpath}: not valid JSON: {e}") from None
-        m = self.manifest
-        for key in ("sample_shape", "num_classes", "splits"):
-            if key not in m:
-                raise DatasetError(f"{mpath}: key '{key}' missing")
+        except OSError as e:
+            raise DatasetError(f"{mpath}: cannot read: {e.strerror or e}") from None
+        m = validate_manifest(self.manifest, mpath)  # every key checked before anything is built from it
         self.sample_shape = tuple(m["sample_shape"])
-        self.num_classes = int(m["num_classes"])
+        self.num_classes = m["num_classes"]
         self.splits = {
             name: ShardedSplit(self.root, name, entry, self.sample_shape, m.get("x_dtype", "float32"))
             for name, entry in m["splits"].items()
         }
-        for name in ("train", "test"):
-            if name not in self.splits:
-                raise DatasetError(f"{mpath}: splits.{name} missing")
         if verify:
             self.verify()
 

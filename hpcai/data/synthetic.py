@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hpcai.data.manifest import MAX_CLASSES
 from hpcai.errors import DatasetError
 
 # kind -> default options (the types of the defaults are the types accepted)
@@ -70,6 +71,9 @@ def parse_source(source: str) -> tuple[str, str, dict[str, int | float]]:
         raise DatasetError(f"{source}: need classes >= 2, size >= 4 and noise >= 0, got {values}")
     if kind == "synthetic-tokens" and (values["vocab"] < 2 or not 0 <= values["p"] <= 1):
         raise DatasetError(f"{source}: need vocab >= 2 and 0 <= p <= 1, got {values}")
+    for key in ("classes", "vocab"):
+        if values.get(key, 0) > MAX_CLASSES:
+            raise DatasetError(f"{source}: {key} must be at most {MAX_CLASSES:,}, got {values[key]:,}")
     return kind, name if kind == "text" else "", values
 
 
@@ -125,9 +129,16 @@ def text_windows(path: Path, seq: int) -> tuple[np.ndarray, ...]:
 
 def open_generated(source: str):
     """The :class:`~hpcai.data.sources.Source` for a generated source name (see the module docstring)."""
+    kind, path, opts = parse_source(source)
+    try:
+        return _generate(source, kind, path, opts)
+    except MemoryError:
+        raise DatasetError(f"{source}: too large to generate in this process's memory") from None
+
+
+def _generate(source: str, kind: str, path: str, opts: dict):
     from hpcai.data.sources import Source
 
-    kind, path, opts = parse_source(source)
     if kind == "synthetic-images":
         x, y = synthetic_images(**opts)  # type: ignore[arg-type]
         return Source(source, x, y, tuple(x.shape[1:]), x.dtype, num_classes=int(opts["classes"]))
