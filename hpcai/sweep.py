@@ -39,6 +39,7 @@ from hpcai.spec import (
     build_sections,
     dumps_toml,
     load_spec,
+    toml_string,
 )
 
 # What a trial produces: summary.json keys, then keys of metrics.jsonl records (the last record holding it).
@@ -142,7 +143,8 @@ class SweepSpec:
         doc = self.to_dict()
         space = doc.pop("space")
         text = dumps_toml(doc)  # the space's keys hold dots: quoted, one inline table each
-        return text + "[space]\n" + "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in space.items())
+        lines = [f"{toml_string(k)} = {_toml_value(v)}\n" for k, v in space.items()]
+        return text + "[space]\n" + "".join(lines)
 
     def searcher_options(self) -> dict[str, Any]:
         if self.sweep.method == "bayes":
@@ -155,6 +157,15 @@ class SweepSpec:
 
     def trial_overrides(self, params: dict[str, Any]) -> list[str]:
         return list(self.sweep.set) + [f"{k}={_toml_value(v)}" for k, v in params.items()]
+
+
+def toml_override(key: str, value: str) -> str:
+    """``key=value`` for ``--set``/load_spec with ``value`` a TOML string that reads back as exactly ``value``
+    (json.dumps is not one: it writes characters beyond the BMP as surrogate pairs, which TOML rejects)."""
+    try:
+        return f"{key}={toml_string(value)}"
+    except ValueError as e:
+        raise SweepError(f"{key}: {e}") from None
 
 
 def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:

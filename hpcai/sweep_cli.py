@@ -21,7 +21,7 @@ from typing import Any
 
 from hpcai.errors import UserError
 from hpcai.fsio import atomic_write_bytes, atomic_write_text
-from hpcai.sweep import FINAL, Ledger, SweepSpec, groups_for, load_sweep, prepare_dir
+from hpcai.sweep import FINAL, Ledger, SweepSpec, groups_for, load_sweep, prepare_dir, toml_override
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +39,7 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from hpcai.launch import mpi_environment, run_ranks
 
-    overrides = list(args.set) + ([f"sweep.dir={json.dumps(args.sweep_dir)}"] if args.sweep_dir else [])
+    overrides = list(args.set) + ([toml_override("sweep.dir", args.sweep_dir)] if args.sweep_dir else [])
     spec = load_sweep(args.sweep_file, overrides)  # everything checked before a trial runs
     if args.report:
         ledger = Ledger(spec.dir)
@@ -92,8 +92,8 @@ def submit_array(spec: SweepSpec, cluster: str, dry_run: bool = False, sbatch=No
         spec.sweep.base,
         [
             *spec.sweep.set,
-            f"job.name={json.dumps(spec.sweep.name)}",
-            f"job.run_dir={json.dumps(str(sweep_dir))}",
+            toml_override("job.name", spec.sweep.name),
+            toml_override("job.run_dir", str(sweep_dir)),
         ],
         ranks=spec.parallel.ranks_per_trial,
     )

@@ -39,7 +39,7 @@ from mpi4py import MPI
 
 from hpcai.comm.abort import abort_job
 from hpcai.errors import UserError
-from hpcai.sweep import Ledger, Scheduler, SweepSpec, groups_for, prepare_dir, read_objective
+from hpcai.sweep import Ledger, Scheduler, SweepSpec, groups_for, prepare_dir, read_objective, toml_override
 
 TAG_ASK, TAG_TRIAL, TAG_REPORT, TAG_VERDICT = 11, 12, 13, 14
 EXIT_PREEMPTED = 75
@@ -72,7 +72,7 @@ def run_trial(spec: SweepSpec, record: dict[str, Any], group: MPI.Comm, ask_verd
     t0 = time.time()
     run_dir = Path(record["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    overrides = [*spec.trial_overrides(record["params"]), f"job.run_dir={json.dumps(str(run_dir))}"]
+    overrides = [*spec.trial_overrides(record["params"]), toml_override("job.run_dir", str(run_dir))]
     os.environ["HPCAI_TTY"] = "0"  # no progress bars from trials; their lines go to the trial's stdout.log
     os.environ.setdefault("HPCAI_RESUME", "auto")  # a re-run trial continues from its own checkpoint
 

@@ -10,14 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from hpcai.spec import toml_string
 from hpcai.sweep import load_sweep
 from tests.conftest import ROOT, cli_env, run_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def write_sweep(tmp_path: Path, data: Path, body: str, sets: tuple[str, ...] = ()) -> Path:
-    """A sweep over the digits job, 2 epochs a trial, on the session's dataset, in tmp_path/sweep."""
+def write_sweep(
+    tmp_path: Path, data: Path, body: str, sets: tuple[str, ...] = (), dir_name: str = "sweep"
+) -> Path:
+    """A sweep over the digits job, 2 epochs a trial, on the session's dataset, in tmp_path/DIR_NAME."""
     base_sets = [
         "train.epochs=2",
         "train.eval_every=1",
@@ -27,7 +30,8 @@ def write_sweep(tmp_path: Path, data: Path, body: str, sets: tuple[str, ...] = (
     sweep = tmp_path / "sweep.toml"
     sweep.write_text(
         f'[sweep]\nname = "t"\nbase = {json.dumps(str(ROOT / "jobs/digits.toml"))}\n'
-        f"dir = {json.dumps(str(tmp_path / 'sweep'))}\nset = {json.dumps(base_sets + list(sets))}\n" + body
+        f"dir = {toml_string(str(tmp_path / dir_name))}\nset = {json.dumps(base_sets + list(sets))}\n" + body,
+        encoding="utf-8",
     )
     return sweep
 
@@ -108,12 +112,14 @@ ranks_per_trial = 2
 type = "choice"
 values = [0, 1, 2]
 """
-    sweep = write_sweep(
-        tmp_path, digits_dataset, body, (f"model.factory={json.dumps(f'{factory}:make_model')}",)
+    sweep = write_sweep(  # a sweep dir beyond the BMP: the trials' run dirs are passed on intact
+        tmp_path, digits_dataset, body, (f"model.factory={json.dumps(f'{factory}:make_model')}",), "sweep🚀"
     )
     proc = run_cli("sweep", str(sweep), "-n", "3", timeout=120)
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    records = ledger(tmp_path / "sweep")
+    records = ledger(tmp_path / "sweep🚀")
+    assert records[0]["run_dir"] == str(tmp_path / "sweep🚀" / "trials" / "0000")
+    assert (tmp_path / "sweep🚀" / "trials" / "0000" / "summary.json").is_file()
     assert [records[n]["status"] for n in range(3)] == ["complete", "failed", "failed"]
     # Both ranks of the group raised and both are named: every rank learned of the failure.
     assert "rank 0: RuntimeError: boom on purpose" in records[1]["error"]
@@ -226,6 +232,19 @@ def test_cluster_submits_a_throttled_array_through_the_slurm_renderer(
     assert "-m hpcai sweep" in script and "--task" in script and str(tmp_path / "sweep/sweep.toml") in script
     assert calls == [str(tmp_path / "sweep" / "sweep.sbatch")]
     assert json.loads((tmp_path / "sweep" / "submit.json").read_text())["job_id"] == "123"
+
+
+def test_unicode_sweep_dir_and_name_round_trip(tmp_path: Path, digits_dataset: Path) -> None:
+    """--sweep-dir and sweep.name beyond the BMP reach the files intact (json.dumps wrote them as surrogate
+    pairs that TOML rejects: exit 2, 'not valid TOML')."""
+    sweep = write_sweep(tmp_path, digits_dataset, RANDOM_3)
+    d = tmp_path / "s🚀"
+    proc = run_cli("sweep", str(sweep), "--sweep-dir", str(d), "--set", 'sweep.name="rocket🚀"', "--cluster",
+                   "local", "--dry-run")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    script = (d / "sweep.sbatch").read_text(encoding="utf-8")
+    assert str(d / "sweep.toml") in script and "rocket🚀" in script
+    assert load_sweep(d / "sweep.toml").sweep.name == "rocket🚀"
 
 
 @pytest.mark.parametrize(
