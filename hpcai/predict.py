@@ -31,7 +31,7 @@ driver) and written by us with plain ``os`` calls, whose failures are ordinary e
 Every failure is agreed on by all ranks (one small allgather per phase) and reported once by rank 0: bad
 input (no run, no valid checkpoint, a dataset whose samples do not fit the model, an unknown split, an
 existing ``--out`` without ``--overwrite``, ``--out`` naming a directory) and a full disk are one line and
-exit status 2; the temporary file is removed and an existing ``--out`` is left as it was.
+exit status 2; the temporary file is removed (on SIGTERM too) and an existing ``--out`` is left as it was.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -350,6 +351,32 @@ def _finish(tmp: Path, out: Path, attrs: dict[str, Any]) -> None:
     fsync_dir(out.parent)
 
 
+def _remove_on_sigterm(tmp: Path) -> Callable[[], None]:
+    """Until the returned function is called, SIGTERM (scancel, Slurm's time limit) first removes ``tmp``,
+    then ends the process as it would have (same status). A handler runs between Python steps only: a rank
+    blocked in an MPI call when the launcher kills it may still leave ``tmp``, named as a temporary."""
+    import signal
+    import threading
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous == signal.SIG_IGN:
+        return lambda: None
+
+    def handler(signum: int, frame: Any) -> None:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 # ------------------------------------------------------------------------------------ the ranks
 
 
@@ -413,12 +440,14 @@ def run(args: argparse.Namespace, comm: Any) -> dict[str, Any] | None:
     tmp: Path | None = None
     placed: dict[str, Any] = {}
     error: BaseException | None = None
+    restore: Callable[[], None] = lambda: None  # noqa: E731
     try:
         try:  # rank 0 checks everything and lays the file out; the others build the model meanwhile
             if rank == 0:
                 p = prepare(args)
                 placed = _create(out, name := temp_name(out), len(p.split), p.layout)
                 tmp = name  # from here on, removed on any failure
+                restore = _remove_on_sigterm(tmp)
             else:
                 p = _build(args)
         except Exception as e:  # noqa: BLE001 - agreed on below, reported once
@@ -474,6 +503,7 @@ def run(args: argparse.Namespace, comm: Any) -> dict[str, Any] | None:
                 tmp.unlink()
             except OSError:
                 pass
+        restore()
 
 
 def _report(args: argparse.Namespace, p: Prepared, world: int, n: int, every: list, wall: float) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -69,6 +70,16 @@ if os.environ.get("HOOK_NO_FALLOCATE"):  # a file system that cannot reserve spa
         raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
 
     os.posix_fallocate = no_fallocate
+if os.environ.get("HOOK_TERM"):  # SIGTERM (scancel) while scoring, once the output file is laid out
+    import signal
+
+    import hpcai.predict
+
+    def score(*_a, **_k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+
+    hpcai.predict.score = score
 from hpcai.cli import main
 
 sys.exit(main(sys.argv[1:]))
@@ -212,3 +223,14 @@ def test_out_naming_a_directory_is_refused(
         assert err.count("\n") == 1 and "is a directory" in err and "Traceback" not in err, err
     assert sorted(os.listdir(d)) == ["mine.txt"] and (d / "mine.txt").read_text() == "keep"
     assert temporaries(tmp_path) == []
+
+
+def test_sigterm_removes_the_temporary(tmp_path: Path, trained_run: Path, digits_dataset: Path) -> None:
+    """SIGTERM while scoring (the output file already laid out): the process ends as SIGTERM ends it,
+    the temporary file removed first and the old output kept (before: the temporary was left)."""
+    out = tmp_path / "preds.h5"
+    out.write_text("precious")
+    args = ["predict", str(trained_run), "--data", str(digits_dataset), "--out", str(out), "--overwrite"]
+    proc = hooked(tmp_path, 1, args, HOOK_TERM="1")
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    assert out.read_text() == "precious" and temporaries(tmp_path) == []
