@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from hpcai.errors import UserError
+from hpcai.spec import plain_value
 
 
 class SpaceError(UserError):
@@ -99,6 +100,11 @@ def parse_space(space: dict[str, Any], where: str = "space") -> list[Param]:
             values = d.get("values")
             if not isinstance(values, list) or not values:
                 raise SpaceError(f"{key}.values: need a non-empty list of choices, got {values!r}")
+            for i, v in enumerate(values):  # a TOML date cannot be written into a trial's job.toml
+                try:
+                    plain_value(v, f"{key}.values[{i}]")
+                except UserError as e:
+                    raise SpaceError(str(e)) from None
             if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
                 raise SpaceError(f"{key}.values: duplicate choices in {values!r}")
             params.append(Param(name, "choice", values=tuple(values)))

@@ -173,3 +173,13 @@ def test_points_handed_out_elsewhere_are_never_handed_out_again(method: str) -> 
     assert len(set(keys)) == 8  # the whole space, no point twice
     with pytest.raises(SearchExhausted):
         s.ask()
+
+
+def test_a_date_among_the_choices_is_one_line() -> None:
+    """A TOML date in a choice cannot be written into a trial's job.toml (was a TypeError traceback)."""
+    import datetime
+
+    from hpcai.search import SpaceError, parse_space
+
+    with pytest.raises(SpaceError, match=r"space.x.values\[1\]: a TOML date/time"):
+        parse_space({"x": {"type": "choice", "values": [1, datetime.date(1979, 5, 27)]}}, "s.toml: space")
