@@ -140,9 +140,11 @@ def prepare(args: argparse.Namespace) -> Prepared:
         raise UserError(f"{out}: directory {out.parent} does not exist")
     p = _build(args)
     run_dir = Path(args.run_dir)
-    found = ckpt.find_resumable(run_dir, warn=lambda m: None)
-    if found is None:
-        raise UserError(f"{ckpt.checkpoint_dir(run_dir)}: no valid checkpoint to predict with")
+    skipped: list[str] = []
+    found = ckpt.find_resumable(run_dir, warn=skipped.append)
+    if found is None:  # say why the newest one was refused (a user may have only that one)
+        why = f" (newest: {skipped[0].removeprefix('warning: skipping checkpoint: ')})" if skipped else ""
+        raise UserError(f"{ckpt.checkpoint_dir(run_dir)}: no valid checkpoint to predict with{why}")
     p.checkpoint, payload = found
     p.step = payload.step
     where = _where(args, p.dataset)

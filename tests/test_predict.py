@@ -129,6 +129,9 @@ def test_predict_bad_input_is_one_line_exit_2(
     no_ckpt.mkdir()
     shutil.copy(trained_run / "job.toml", no_ckpt / "job.toml")
     fails(str(no_ckpt), *data, match="no valid checkpoint")
+    ckpt.checkpoint_dir(no_ckpt).mkdir()
+    ckpt.checkpoint_path(no_ckpt, 5).write_bytes(b"not hdf5")  # the only one, unreadable: say why
+    fails(str(no_ckpt), *data, match="no valid checkpoint to predict with (newest: ")
     fails(str(tmp_path / "nowhere"), *data, match="job.toml missing")
     fails(str(trained_run), *data, "--split", "val", match="no split 'val'")
     images = build_dataset("synthetic-images:n=20,size=8", tmp_path / "img", 1, log=lambda *_: None)
