@@ -161,6 +161,9 @@ def _check_stored_dtype(key: str, a: np.ndarray, dtypes: dict[str, str]) -> None
         )
 
 
+_SCALAR_STATE = {"step"}  # optimizer state entries that are one number per parameter
+
+
 def check_fits_model(
     p: Payload, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None
 ) -> None:
@@ -195,7 +198,9 @@ def check_fits_model(
                     f"(it has {len(params)})"
                 )
             shape = tuple(params[int(parts[2])].shape)
-            if a.ndim and tuple(a.shape) != shape:  # 0-dim: a per-parameter scalar (Adam's step)
+            # Adam's step is one number a parameter (0-dim; 1-dim from a pipeline's gather); the rest is
+            # shaped like its parameter.
+            if tuple(a.shape) != shape and not (parts[3] in _SCALAR_STATE and a.size == 1):
                 raise CheckpointError(
                     f"checkpoint tensor {key} has shape {tuple(a.shape)}, its parameter's is {shape}"
                 )

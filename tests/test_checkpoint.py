@@ -345,3 +345,28 @@ def test_inspect_lists_and_describes(reference: Path) -> None:
     assert "model/1.weight" in desc["tensors"] and "rng/rank_1" in desc["tensors"]
     missing = run_cli("inspect", str(reference / "nothing.h5"), timeout=60)
     assert missing.returncode == 2 and "no such checkpoint" in missing.stderr
+
+
+def test_a_flipped_scheduler_bit_is_skipped_for_the_previous_checkpoint(
+    tmp_path: Path, digits_dataset: Path, reference: Path
+) -> None:
+    """One bit in the stored LR-scheduler state (0.1 -> 0.9: 9x the learning rate) used to pass as
+    "checksums ok"; now the attribute checksum fails, the previous checkpoint is used and the result is the
+    reference's."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    newest = ckpt.list_checkpoints(run_dir)[-1]
+    data = bytearray(newest.read_bytes())
+    at = data.find(b'"base_lrs": [0.1]')
+    data[at + 15] ^= 0x08
+    newest.write_bytes(bytes(data))
+    resumed = _run(run_dir, digits_dataset)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (
+        "skipping checkpoint" in resumed.stdout + resumed.stderr
+        and "CRC-32C" in resumed.stdout + resumed.stderr
+    )
+    summary = _assert_same_as_reference(run_dir, reference)
+    assert summary["resumed_from_step"] == 126
