@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import sys
 import time
@@ -98,7 +97,7 @@ def _build(args: argparse.Namespace) -> Prepared:
     """The run's model (untrained) for the dataset, and the split; raises UserError (exit 2)."""
     from hpcai.data.shards import ShardedDataset
     from hpcai.models import build_model
-    from hpcai.spec import load_spec
+    from hpcai.spec import load_spec, toml_string
 
     if args.ranks < 1 or args.batch < 1:
         raise UserError(f"-n and --batch must be >= 1, got {args.ranks} and {args.batch}")
@@ -107,7 +106,11 @@ def _build(args: argparse.Namespace) -> Prepared:
     if not job.is_file():
         raise UserError(f"{run_dir}: not a run directory (job.toml missing)")
     # The run's own data.path may be gone or elsewhere: the model only needs --data's shapes.
-    spec = load_spec(job, [f"data.path={json.dumps(str(args.data))}", 'data.source=""'])
+    try:
+        data_path = toml_string(str(args.data))
+    except ValueError as e:
+        raise UserError(f"--data: {e}") from None
+    spec = load_spec(job, [f"data.path={data_path}", 'data.source=""'])
     data = ShardedDataset(args.data)
     if args.split not in data.splits:
         raise UserError(f"{args.data}: no split {args.split!r} (has {', '.join(data.splits)})")

@@ -115,6 +115,19 @@ def test_predict_in_one_process_with_probabilities(
         assert f.attrs["split"] == "train" and len(f["sample_ids"]) == 1438
 
 
+def test_predict_with_a_unicode_data_path(tmp_path: Path, trained_run: Path, digits_dataset: Path) -> None:
+    """--data is passed into the spec as a TOML string that round-trips any Unicode (was json.dumps: a
+    non-BMP character became a surrogate pair TOML rejects, exit 2)."""
+    import shutil
+
+    data = tmp_path / "dätä🚀"
+    shutil.copytree(digits_dataset, data)
+    out = tmp_path / "ü.h5"
+    assert cli_main(["predict", str(trained_run), "--data", str(data), "--out", str(out)]) == 0
+    with h5py.File(out) as f:
+        assert len(f["sample_ids"]) == 359
+
+
 def test_predict_bad_input_is_one_line_exit_2(
     tmp_path: Path, trained_run: Path, digits_dataset: Path, capsys: pytest.CaptureFixture
 ) -> None:
