@@ -11,7 +11,10 @@ With ``-n N > 1`` outside MPI the build relaunches itself as ``mpiexec -n N pyth
 
 SIGTERM, SIGINT and SIGHUP stop a build promptly: the handler raises, the build removes its temporary
 directory, and the command prints one line and exits 128 + the signal's number (143, 130, 129). A signal
-ignored when the build started (``nohup``, a background job) stays ignored.
+ignored when the build started (``nohup``, a background job) stays ignored. Under MPI every rank leaves
+with ``os._exit``: a rank that ends normally waits in MPI_Finalize for peers that may be inside a collective
+(seen: a 2-rank build hung there after SIGTERM), while a rank that exits without finalizing makes mpiexec
+end the others quietly. Rank 0 goes first (it cleans up and says why); the others wait for it a moment.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 _STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+PEER_GRACE_S = 2.0  # how long a rank other than 0 waits for rank 0 to clean up and end the job
 
 
 @contextmanager
@@ -138,7 +142,23 @@ def build_command(args: argparse.Namespace) -> int:
                     f"hpcai: error: {args.out}: build stopped by {name} before it finished; "
                     "its temporary files were removed\n"
                 )
-            return 128 + got[0]
+            if comm is None or comm.Get_size() == 1:
+                return 128 + got[0]
+            _leave_mpi(rank, 128 + got[0])
+
+
+def _leave_mpi(rank: int, code: int) -> None:
+    """End this rank now, without MPI_Finalize (see the module docstring); never returns."""
+    import time
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    if rank != 0:
+        time.sleep(PEER_GRACE_S)  # usually rank 0 has ended the job meanwhile, and this rank with it
+    os._exit(code)
 
 
 def _build(args: argparse.Namespace, comm, rank: int, build_dataset) -> int:

@@ -256,6 +256,8 @@ def _collective(comm, fn: Callable, root_only: bool = False):
             result = (False, (NoSpaceError, str(no_space(getattr(e, "filename", None) or "dataset", e))))
         else:
             result = (False, (None, f"rank {rank}: {type(e).__name__}: {e}"))
+    if comm is not None:
+        _arrive(comm)
     results = comm.allgather(result) if comm is not None else [result]
     for ok, value in results:
         if not ok:
@@ -268,6 +270,15 @@ def _collective(comm, fn: Callable, root_only: bool = False):
                 error = DatasetError(msg)
             raise error
     return [value for _, value in results]
+
+
+def _arrive(comm, poll_s: float = 0.002) -> None:
+    """Wait for every rank in a loop of MPI_Test and sleeps rather than inside a blocking MPI call: Python
+    runs signal handlers only between bytecodes, so a rank waiting here still stops on SIGTERM/SIGINT."""
+    if comm.Get_size() > 1:
+        req = comm.Ibarrier()
+        while not req.Test():
+            time.sleep(poll_s)
 
 
 def _estimate_bytes(src: Source, plan: list[dict], compression: str) -> int:
