@@ -306,8 +306,16 @@ def pack_rng() -> np.ndarray:
     return np.concatenate(parts)
 
 
+_RNG_BYTES = _TORCH_RNG_BYTES + 625 * 4 + 624 * 4 + 32  # what pack_rng packs before an optional GPU state
+
+
 def unpack_rng(blob: np.ndarray) -> None:
-    blob = np.ascontiguousarray(blob, dtype=np.uint8)
+    """Restore what :func:`pack_rng` packed; a blob of another size or type is a CheckpointError."""
+    if blob.dtype != np.uint8 or blob.ndim != 1 or len(blob) < _RNG_BYTES:
+        raise CheckpointError(
+            f"checkpoint RNG state: {blob.dtype} {tuple(blob.shape)}, expected uint8 of >= {_RNG_BYTES} bytes"
+        )
+    blob = np.ascontiguousarray(blob)
     o = _TORCH_RNG_BYTES
     torch.set_rng_state(torch.from_numpy(blob[:o].copy()))
     py_state = blob[o : o + 625 * 4].view(np.uint32)
@@ -398,6 +406,7 @@ def write_checkpoint(path: Path, payload: Payload) -> int:
         _reserve(fd, path.parent, _estimated_bytes(payload))
         _pwrite_all(fd, memoryview(_empty_hdf5()), 0)
         direct: dict[str, int] = {}  # dataset -> file offset, for the arrays written after HDF5 closes
+        crcs: dict[str, int] = {}
         early = h5py.h5p.create(h5py.h5p.DATASET_CREATE)  # space allocated at creation, never filled
         early.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
         early.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
@@ -413,15 +422,17 @@ def write_checkpoint(path: Path, payload: Payload) -> int:
                     direct[key] = ds.id.get_offset()
                 else:
                     ds = f.create_dataset(key, data=a)
-                ds.attrs["crc32c"] = np.uint32(crc32c(a))
+                crcs[key] = crc32c(a)
+                ds.attrs["crc32c"] = np.uint32(crcs[key])
             for key, value in payload.attrs.items():
                 if key != META_CRC:
                     f.attrs[key] = value
             f.attrs["format"] = FORMAT
             f.attrs["version"] = VERSION
             f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            # Last, from what the file now holds: exactly what a reader will check.
-            f.attrs[META_CRC] = np.uint32(_meta_crc(dict(f.attrs.items()), _objects(f, tmp)))
+            # Last; the attributes as the file now holds them (stored types), exactly what a reader checks.
+            listing = _written_listing(payload.arrays, crcs)
+            f.attrs[META_CRC] = np.uint32(_meta_crc(dict(f.attrs.items()), listing))
         _write_at(fd, tmp, [(payload.arrays[k], off) for k, off in direct.items()])
         os.fsync(fd)  # the data must be on disk before the name says it is complete
         _same_file(fd, -1, tmp)  # the name still leads to our file: the rename commits what we wrote
@@ -566,17 +577,31 @@ def _canonical(value: Any) -> Any:
     return [a.dtype.str, list(a.shape), a.tobytes().hex()]
 
 
-def _meta_crc(attrs: dict[str, Any], objects: list[tuple[str, Any]]) -> int:
-    """CRC-32C of the attributes (all but META_CRC) and of every group and dataset: name, shape, dtype and
-    attributes (the tensors' own CRC-32C among them)."""
-    listing = []
+def _meta_crc(attrs: dict[str, Any], listing: list[list[Any]]) -> int:
+    """CRC-32C of the attributes (all but META_CRC) and of the listing of every group and dataset."""
+    doc = [sorted([k, _canonical(v)] for k, v in attrs.items() if k != META_CRC), listing]
+    return crc32c(np.frombuffer(json.dumps(doc, separators=(",", ":")).encode(), np.uint8))
+
+
+def _listing(objects: list[tuple[str, Any]]) -> list[list[Any]]:
+    """Each group and dataset, by name, as [name, attributes] (+ [shape, dtype] for a dataset)."""
+    out = []
     for name, obj in objects:
         entry = [name, sorted([k, _canonical(v)] for k, v in obj.attrs.items())]
         if isinstance(obj, h5py.Dataset):
             entry += [list(obj.shape), obj.dtype.str]
-        listing.append(entry)
-    doc = [sorted([k, _canonical(v)] for k, v in attrs.items() if k != META_CRC), listing]
-    return crc32c(np.frombuffer(json.dumps(doc, separators=(",", ":")).encode(), np.uint8))
+        out.append(entry)
+    return out
+
+
+def _written_listing(arrays: dict[str, np.ndarray], crcs: dict[str, int]) -> list[list[Any]]:
+    """What :func:`_listing` reads back from the file that write_checkpoint wrote, computed without reading
+    it back (250 datasets' attributes took 0.1 s to read, the GIL held: the training thread's time)."""
+    groups = {k.rsplit("/", i)[0] for k in arrays for i in range(1, k.count("/") + 1)}
+    out: list[list[Any]] = [[g, []] for g in groups]
+    for k, a in arrays.items():
+        out.append([k, [["crc32c", _canonical(np.uint32(crcs[k]))]], list(a.shape), a.dtype.str])
+    return sorted(out, key=lambda e: e[0])
 
 
 def _objects(f: h5py.File, path: Path) -> list[tuple[str, Any]]:
@@ -602,7 +627,7 @@ def _check_sizes(path: Path, datasets: list[tuple[str, h5py.Dataset]], file_byte
     declares, and all of them fit in the file (a flipped dimension must not allocate terabytes)."""
     total = 0
     for name, ds in datasets:
-        if ds.dtype.kind not in "biuf":
+        if ds.dtype.kind not in "biufc":
             raise CheckpointError(f"{path}: dataset /{name} holds {ds.dtype}, not numbers (corrupt file)")
         declared = math.prod(ds.shape) * ds.dtype.itemsize
         stored = ds.id.get_storage_size()
@@ -641,6 +666,13 @@ def _parse_json_attr(where: str, value: Any, kind: type) -> Any:
 
 
 _REQUIRED_INTS = {"step": 0, "epoch": 0, "step_in_epoch": 0, "world_size": 1}  # name -> smallest value
+_OPTIONAL_INTS = {
+    "samples_seen": 0,
+    "shuffle_seed": None,
+    "ps_version": 0,
+    "ps_workers": 1,
+    "skipped_steps": 0,
+}
 _JSON_ATTRS = {
     "spec": dict,
     "torch_dtypes": dict,
@@ -656,12 +688,21 @@ _JSON_ATTRS = {
 def _check_attrs(path: Path, attrs: dict[str, Any], arrays: Collection[str]) -> None:
     """What a resume reads from the attributes is there and of the right kind: one line naming the
     attribute otherwise (not a JSONDecodeError or KeyError later, on some rank)."""
-    for key, low in _REQUIRED_INTS.items():
+    for key, low in (_REQUIRED_INTS | _OPTIONAL_INTS).items():
         if key not in attrs:
-            raise CheckpointError(f"{path}: attribute {key!r} missing")
+            if key in _REQUIRED_INTS:
+                raise CheckpointError(f"{path}: attribute {key!r} missing")
+            continue
         v = attrs[key]
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < low:
-            raise CheckpointError(f"{path}: attribute {key!r}: must be an integer >= {low}, found {v!r}")
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or (low is not None and v < low):
+            raise CheckpointError(
+                f"{path}: attribute {key!r}: must be an integer{f' >= {low}' if low is not None else ''}, "
+                f"found {v!r}"
+            )
+    if "last_loss" in attrs and not isinstance(attrs["last_loss"], (int, float, np.integer, np.floating)):
+        raise CheckpointError(
+            f"{path}: attribute 'last_loss': must be a number, found {attrs['last_loss']!r}"
+        )
     for key in ("spec", "torch_dtypes"):
         if key not in attrs:
             raise CheckpointError(f"{path}: attribute {key!r} missing")
@@ -703,7 +744,7 @@ def read_checkpoint(path: Path, verify: bool = True) -> Payload:
                 )
             objects = _objects(f, path)
             if META_CRC in attrs:  # checked in a version 1 file too: a flipped version must not skip it
-                if int(np.asarray(attrs[META_CRC]).reshape(-1)[0]) != _meta_crc(attrs, objects):
+                if int(np.asarray(attrs[META_CRC]).reshape(-1)[0]) != _meta_crc(attrs, _listing(objects)):
                     raise CheckpointError(
                         f"{path}: attributes or list of arrays fail their CRC-32C check (corrupt file)"
                     )

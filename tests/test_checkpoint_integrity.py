@@ -155,6 +155,30 @@ def test_edited_attributes_and_array_list_are_caught(
     assert rc == 2 and "checksums: ok" not in out and err.count("\n") == 1 and "step-00000020.h5" in err
 
 
+def test_every_kind_of_array_and_attribute_passes_its_own_check(tmp_path: Path) -> None:
+    """The writer computes the checksum from what it wrote, the reader from what the file holds: they agree
+    for every dtype, 0-dim and empty arrays, nested groups, large (O_DIRECT) arrays and attribute types."""
+    big = ckpt.aligned_empty((300_000,), np.float32)
+    big[:] = 2.0
+    arrays = {
+        "a/b/c/flags": np.array([True, False]),
+        "bits": np.arange(6, dtype=np.int16).reshape(2, 3),
+        "scalar": np.array(3.5),
+        "empty": np.zeros((0, 4), np.float64),
+        "bytes": np.arange(7, dtype=np.uint8),
+        "complex": np.array([1 + 2j], np.complex64),
+        "big": big,
+    }
+    attrs = dict(step=1, epoch=0, step_in_epoch=1, world_size=1, spec="{}", torch_dtypes="{}")
+    attrs.update(loss=float("nan"), flag=True, name="rocket\U0001f680", seed=np.uint32(7), neg=-2)
+    path = tmp_path / "c.h5"
+    ckpt.write_checkpoint(path, ckpt.Payload(arrays=arrays, attrs=attrs))
+    p = ckpt.read_checkpoint(path)
+    assert p.attrs_checked and p.attrs["name"] == "rocket\U0001f680" and p.attrs["seed"] == 7
+    for k, a in arrays.items():
+        assert p.arrays[k].dtype == a.dtype and np.array_equal(p.arrays[k], a), k
+
+
 def test_the_attribute_checksum_itself_may_not_go_missing(tmp_path: Path) -> None:
     path = _write(tmp_path, 10)
     with h5py.File(path, "r+") as f:
@@ -230,6 +254,7 @@ def test_garbled_json_attributes_name_the_attribute(tmp_path: Path, version) -> 
         ("scheduler", "[1, 2]", "attribute 'scheduler': expected a JSON object"),
         ("step", -1, "attribute 'step': must be an integer >= 0"),
         ("world_size", 0, "attribute 'world_size': must be an integer >= 1"),
+        ("last_loss", "low", "attribute 'last_loss': must be a number"),
         ("torch_dtypes", '{"model/0.weight": "float99"}', "attribute 'torch_dtypes': 'float99'"),
     ],
 )
@@ -269,6 +294,13 @@ def test_check_fits_model_names_the_tensor_and_unpack_changes_nothing_on_a_misfi
         ckpt.CheckpointError, match="model/0.bias is stored as float64, its record says float32"
     ):
         ckpt.unpack_model(wrong_dtype, model)
+
+
+def test_a_short_rng_state_is_a_checkpoint_error() -> None:
+    blob = ckpt.pack_rng()
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint RNG state"):
+        ckpt.unpack_rng(blob[:100])
+    ckpt.unpack_rng(blob)
 
 
 def test_run_resume_path_and_predict_report_an_unloadable_checkpoint_in_one_line(
