@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -266,13 +267,42 @@ def _say_unseen(fatal_dir: str, relay: _StderrRelay) -> None:
     sys.stderr.flush()
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _dies_with_us() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when this process dies, however it dies
+    (``kill -9`` included: no handler of ours runs then). mpiexec (MPICH's hydra) killed so takes its
+    ranks down with it; without this they ran on, detached, holding the run directory's files and the
+    allocation's cores. Linux only (prctl PR_SET_PDEATHSIG); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    parent = os.getpid()
+
+    def arm() -> None:  # in the child, between fork and exec: nothing but two system calls
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # we died before the line above took effect: nobody will signal it
+            os._exit(1)
+
+    return arm
+
+
 def run_ranks(n: int, args: list[str]) -> int:
     """Run ``python ARGS`` on ``n`` ranks under mpiexec and return its exit status.
 
     SIGUSR1/SIGUSR2/SIGTERM sent to this process are passed on to mpiexec, which hands them to every rank
     (a Slurm batch script may signal either process); Ctrl-C reaches all of them through the terminal.
     The ranks' stderr passes through this process, so that a message a rank wrote just before MPI_Abort,
-    which mpiexec may drop while killing the job, is printed all the same.
+    which mpiexec may drop while killing the job, is printed all the same. Should this process die (even
+    by ``kill -9``), the kernel kills mpiexec and mpiexec its ranks: nothing runs on detached.
     """
     import signal
 
@@ -280,7 +310,9 @@ def run_ranks(n: int, args: list[str]) -> int:
     env = launch_env(n)
     env[FATAL_DIR_ENV] = fatal_dir
     try:
-        proc = subprocess.Popen(mpiexec_command(n, args), env=env, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            mpiexec_command(n, args), env=env, stderr=subprocess.PIPE, preexec_fn=_dies_with_us()
+        )
         relay = _StderrRelay(proc.stderr)
         forwarded = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
         previous = {sig: signal.signal(sig, lambda s, _f: proc.send_signal(s)) for sig in forwarded}
