@@ -98,7 +98,39 @@ def _truncate_metrics(run_dir: Path, keep_through: int) -> None:
     os.replace(tmp, path)
 
 
-def train_job(spec: JobSpec, topo, t0: float, on_eval=None, run_dir_locked: bool = False) -> dict | None:
+# Startup phases, numbered alike on every rank: a stall report names a peer's phase by its number. Each
+# phase that waits for another rank's work comes after that work's phase (rank 0 builds the dataset in
+# 'dataset'; the others wait for its decision in 'model build').
+STARTUP_PHASES = (
+    "setup",
+    "dataset",
+    "checkpoint selection",
+    "model build",
+    "strategy setup",
+    "checkpoint load",
+    "parameter broadcast",
+    "training start",
+)
+PATIENT_PHASES = ("dataset", "checkpoint selection")  # rank 0's, as long as the data: said, never aborted
+
+
+def _checkpoint_written_since(run_dir: Path, step: int) -> str | None:
+    """The newest checkpoint of this run (a step after ``step``, where it started), or None."""
+    from hpcai import checkpoint as ckpt
+
+    paths = ckpt.list_checkpoints(run_dir)
+    return paths[-1].name if paths and int(paths[-1].stem.split("-")[-1]) > step else None
+
+
+def train_job(
+    spec: JobSpec,
+    topo,
+    t0: float,
+    on_eval=None,
+    run_dir_locked: bool = False,
+    startup=None,
+    signals=None,
+) -> dict | None:
     """Train ``spec`` on the ranks of ``topo`` (any communicator: COMM_WORLD, or a sweep's sub-communicator).
 
     Returns the summary on the topology's rank 0, None elsewhere. ``on_eval(epoch, test_accuracy) -> bool``
@@ -106,21 +138,36 @@ def train_job(spec: JobSpec, topo, t0: float, on_eval=None, run_dir_locked: bool
     The topology's rank 0 holds the run directory's lock for the run (:mod:`hpcai.rundir`) unless
     ``run_dir_locked`` says the ``hpcai run`` launcher already holds it; the other ranks write nothing there
     before rank 0 has it (they wait for its resume decision).
+
+    ``startup`` (:class:`hpcai.comm.stall.StartupPhases` over STARTUP_PHASES) and ``signals``
+    (:class:`hpcai.comm.abort.JobSignals`) come from :func:`run_worker`; without them (a sweep's trial)
+    the startup watch starts here and signals only ask for a stop, as before.
     """
     from hpcai.rundir import acquire
 
+    if startup is None:  # collective: every rank of topo arrives here together
+        from hpcai.comm.stall import StartupPhases
+
+        cm = spec.comm
+        startup = StartupPhases(
+            topo.world, STARTUP_PHASES, cm.stall_timeout_s, cm.stall_abort, PATIENT_PHASES
+        )
     lock = acquire(spec.run_dir) if topo.is_root and not run_dir_locked else None
     try:
-        return _train_job(spec, topo, t0, on_eval)
+        return _train_job(spec, topo, t0, on_eval, startup, signals)
+    except BaseException:
+        startup.abandon()  # this rank is failing: it reports no stall of the others
+        raise
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train_job(spec: JobSpec, topo, t0: float, on_eval) -> dict | None:
+def _train_job(spec: JobSpec, topo, t0: float, on_eval, startup, signals) -> dict | None:
     if spec.train.strategy == "ps":  # servers and workers: their own loop (hpcai/parallel/param_server.py)
         from hpcai.parallel.param_server import train_ps
 
+        startup.close()  # its phases are train_ps's own
         return train_ps(spec, topo, t0)
     import numpy as np
     import torch
@@ -141,12 +188,16 @@ def _train_job(spec: JobSpec, topo, t0: float, on_eval) -> dict | None:
     inject = os.environ.get("HPCAI_INJECT_FAILURE")
     inject = FailureInjection.parse(inject) if inject else None
     resume_path = None
+    startup.enter("dataset")
     if topo.is_root:
         atomic_write_text(run_dir / "job.toml", spec.to_toml())
         _ensure_dataset(spec, print)
+    startup.enter("checkpoint selection")
+    if topo.is_root:
         resume_path = _select_checkpoint(spec, resume_mode, print)
         if resume_path is None:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    startup.enter("model build")  # the others wait for rank 0's decision here
     resume_path = topo.world.bcast(str(resume_path) if resume_path else None, root=0)  # a path: metadata
     logger = rank_logger(run_dir, topo.rank)
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
@@ -155,10 +206,12 @@ def _train_job(spec: JobSpec, topo, t0: float, on_eval) -> dict | None:
         f"SLURM_RESTART_COUNT={restarts}, resume={resume_path or 'none'}"
     )
 
-    # Stop requests (Slurm's warning signal, a polite kill): checkpoint at the next step and exit 75.
-    stop = threading.Event()
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    if signals is not None:  # run_worker's: a SIGUSR1 since the start is remembered for the first step
+        stop = signals.stop
+    else:  # a sweep's trial: stop requests (Slurm's warning, a polite kill): checkpoint, exit 75
+        stop = threading.Event()
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.manual_seed(spec.train.seed)  # rank 0's initial parameters are broadcast anyway
@@ -176,6 +229,7 @@ def _train_job(spec: JobSpec, topo, t0: float, on_eval) -> dict | None:
             whole = build_model(spec.model, data.sample_shape, data.num_classes, seed=spec.train.seed)
         n_params = sum(p.numel() for p in whole.parameters())
         example = torch.from_numpy(data.splits["train"].read(np.arange(2))[0])
+        startup.enter("strategy setup")
         model, strategy = apply_pipeline_parallel(
             whole, topo, spec.parallel, example, spec.train.seed, spec.comm
         )
@@ -184,6 +238,7 @@ def _train_job(spec: JobSpec, topo, t0: float, on_eval) -> dict | None:
         model = build_model(spec.model, data.sample_shape, data.num_classes, seed=spec.train.seed)
         n_params = sum(p.numel() for p in model.parameters())
         model = model.to(_device(spec, topo))
+        startup.enter("strategy setup")
         strategy = DataParallel(topo, grad_accum=spec.train.grad_accum, comm=spec.comm)
     loader = BatchLoader(
         data.splits["train"],
@@ -193,6 +248,7 @@ def _train_job(spec: JobSpec, topo, t0: float, on_eval) -> dict | None:
         spec.train.seed,
         spec.data.prefetch,
     )
+    startup.enter("checkpoint load")
     payload = (
         ckpt.read_checkpoint(Path(resume_path), verify=False) if resume_path else None
     )  # rank 0 verified
@@ -200,16 +256,26 @@ def _train_job(spec: JobSpec, topo, t0: float, on_eval) -> dict | None:
         _truncate_metrics(run_dir, payload.step)  # before the reporter appends to it
     reporter = Reporter(run_dir, topo.is_root, logger, total_steps(spec.train, loader.steps_per_epoch), t0)
     writer = ckpt.CheckpointWriter(run_dir, spec.checkpoint.keep, spec.checkpoint.async_save, log=logger.info)
+    startup.enter("parameter broadcast")  # Trainer: the strategy's prepare broadcasts rank 0's parameters
     trainer = Trainer(spec, model, strategy, loader, reporter, topo.rank, writer, stop, inject, on_eval)
+    startup.enter("training start")
     if payload is not None:
         trainer.restore(payload)
     reporter.say(
         f"{spec.job.name}: {type(model).__name__} with {n_params:,} parameters, {topo.describe()}, "
         f"global batch {spec.train.batch_size}, {len(data.splits['train'])} training samples -> {run_dir}"
     )
+    startup.close()  # collective: its barrier is the last watched wait of startup
+    if signals is not None:  # inside the loop the first SIGTERM/SIGINT asks for a checkpoint at the next step
+        start = trainer.step
+        signals.checkpoint = lambda: _checkpoint_written_since(run_dir, start)
+        signals.in_loop = lambda: trainer.step < trainer.n_steps and not trainer.stopped_early
+        signals.where = lambda: "during training" if signals.in_loop() else "after training"
     try:
         result = trainer.fit(data.splits["test"])
     finally:
+        if signals is not None:
+            signals.in_loop = lambda: False  # the final evaluation and summary: a signal ends the job
         reporter.close()
     digests = strategy.params_digest(model)
     comm_stats = strategy.stats() if hasattr(strategy, "stats") else {}
@@ -278,11 +344,21 @@ def run_worker(spec: JobSpec, t0: float | None = None, run_dir_locked: bool = Fa
     t0 = t0 if t0 is not None else float(os.environ.get("HPCAI_T0", time.time()))
     from mpi4py import MPI
 
-    from hpcai.comm.abort import abort_job
+    from hpcai.comm.abort import Interrupted, JobSignals, abort_job
+    from hpcai.comm.stall import StartupPhases
     from hpcai.train import Preempted
 
     rank = MPI.COMM_WORLD.Get_rank()
+    # First thing: from here on a SIGUSR1 is remembered, and a SIGTERM/SIGINT outside the loop ends the job.
+    signals = JobSignals(rank, MPI.COMM_WORLD.Get_size())
     try:
+        # The stall watch starts with the job, while every rank arrives here together (it is collective).
+        cm = spec.comm
+        startup = StartupPhases(
+            MPI.COMM_WORLD, STARTUP_PHASES, cm.stall_timeout_s, cm.stall_abort, PATIENT_PHASES
+        )
+        signals.where = startup.describe
+        startup.enter("setup")
         from hpcai.topology import Topology
 
         if spec.train.strategy == "ps":
@@ -291,12 +367,15 @@ def run_worker(spec: JobSpec, t0: float | None = None, run_dir_locked: bool = Fa
             topo = Topology.pipeline(spec.parallel.stages, spec.parallel.data_replicas)
         else:
             topo = Topology.data_parallel()
-        train_job(spec, topo, t0, run_dir_locked=run_dir_locked)
+        train_job(spec, topo, t0, run_dir_locked=run_dir_locked, startup=startup, signals=signals)
     except Preempted as e:  # every rank agreed to stop at this step: a clean, collective exit
         if rank == 0:
             sys.stderr.write(f"hpcai: {e}; run the same command again to continue\n")
         return e.exit_code
+    except Interrupted as e:  # a signal ends the job now: one line, 75 / 130 / 143, every rank ends
+        return signals.end_job(e.signum)
     except BaseException as e:  # noqa: BLE001 - every failure must end every rank
+        signals.hold()  # this error ends the job: a signal now neither raises nor says it a second time
         code = e.exit_code if isinstance(e, UserError) else 1
         if isinstance(e, KeyboardInterrupt):
             code, msg = 130, "interrupted"
@@ -323,6 +402,8 @@ def run_worker(spec: JobSpec, t0: float | None = None, run_dir_locked: bool = Fa
             abort_job(line, code)
         sys.stderr.write(line + "\n")
         return code
+    finally:
+        signals.close()
     return 0
 
 

@@ -23,6 +23,16 @@ and, with ``abort=True``, ends the whole job (MPI_Abort) so a 48-hour allocation
 The labels of other ranks' collectives are not shared (that would cost a message per collective): the report
 names their numbers, and this rank's log names its own sequence.
 
+Before the first collective, a job goes through startup phases (dataset, model build, parameter broadcast,
+...) in which a rank can be stuck in plain Python, outside MPI, while the others wait. :class:`StartupPhases`
+numbers them alike on every rank and publishes the number the same way, so that a peer's number names its
+phase::
+
+    hpcai: rank 0: stalled 5.0 s in startup phase 'parameter broadcast' (#7): rank 1 has not arrived
+    (rank 1 at #4 'model build')
+
+Its windows are created first thing, when every rank gets there at once (creating them is collective).
+
 Needs MPI_THREAD_MULTIPLE (mpi4py asks for it by default): the watchdog reads the window from its own thread.
 """
 
@@ -31,7 +41,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import numpy as np
@@ -70,8 +80,9 @@ class WaitWatch:
     def end(self) -> None:
         self._current = None
 
-    def _message(self, seq: int, what: str, waited: float) -> tuple[str, bool]:
-        """The report of a stalled wait, and whether ``abort`` may end the job for it."""
+    def _message(self, seq: int, what: str, waited: float) -> tuple[str | None, bool]:
+        """The report of a stalled wait (None: nothing to report now), and whether ``abort`` may end the
+        job for it."""
         return f"hpcai: rank {self.rank}: stalled {waited:.1f} s {what}", True
 
     def _watch(self) -> None:
@@ -83,8 +94,10 @@ class WaitWatch:
             waited = time.monotonic() - start
             if waited < self.timeout_s or seq <= self._reported:
                 continue
-            self._reported = seq
             msg, may_abort = self._message(seq, what.format(*args), waited)
+            if msg is None:  # nobody is late for this wait (yet): look again at the next poll
+                continue
+            self._reported = seq
             self.stalls.append(msg)
             if self.abort and may_abort:
                 abort_job(f"{msg}\nhpcai: rank {self.rank}: aborting the job (stall_abort)", 3)
@@ -100,7 +113,17 @@ class WaitWatch:
 class StallWatch(WaitWatch):
     """Publish collective numbers and watch for stalls. Create it collectively (it allocates windows)."""
 
-    def __init__(self, comm: MPI.Comm, timeout_s: float = 60.0, abort: bool = False, poll_s: float = 1.0):
+    def __init__(
+        self,
+        comm: MPI.Comm,
+        timeout_s: float = 60.0,
+        abort: bool = False,
+        poll_s: float = 1.0,
+        phases: Sequence[str] = (),
+        patient: Collection[int] = (),
+    ):
+        # Startup phases (see StartupPhases): names by number, and the numbers whose length is the data's.
+        self.phases, self.patient, self._in_phase = tuple(phases), frozenset(patient), False
         self.comm = comm.Dup()  # window traffic apart from the collectives it watches
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
@@ -119,6 +142,19 @@ class StallWatch(WaitWatch):
         self._publish(0)
         self.comm.Barrier()  # every slot is zeroed before anyone reads one
         super().__init__(self.rank, timeout_s, abort, poll_s)
+
+    def phase(self, number: int) -> None:
+        """Enter startup phase ``number`` (1-based in ``phases``, the same on every rank): published like a
+        collective's number, and watched until the next phase or the end of :meth:`close`'s barrier."""
+        self.seq = number
+        self._publish(number)
+        self._in_phase = True
+        self._current = (
+            number,
+            "in startup phase {!r} (#{})",
+            (self.phases[number - 1], number),
+            time.monotonic(),
+        )
 
     @contextmanager
     def collective(self, label: str) -> Iterator[None]:
@@ -151,19 +187,43 @@ class StallWatch(WaitWatch):
             self.win.Unlock(r)
         return out
 
-    def _message(self, seq: int, what: str, waited: float) -> tuple[str, bool]:
+    def _message(self, seq: int, what: str, waited: float) -> tuple[str | None, bool]:
         counts = self.arrived()
         late = [r for r in range(self.size) if counts[r] < seq]
+        if self._in_phase:
+            return self._phase_message(what, waited, counts, late)
         where = ", ".join(f"rank {r} at #{counts[r]}" for r in late[:16])
         msg = f"hpcai: rank {self.rank}: stalled {waited:.1f} s in collective #{seq} ({what}): " + (
             f"ranks {', '.join(map(str, late))} have not arrived ({where})" if late else "all ranks arrived"
         )
         return msg, bool(late)
 
+    def _phase_message(
+        self, what: str, waited: float, counts: np.ndarray, late: list[int]
+    ) -> tuple[str | None, bool]:
+        """A startup phase's report: the ranks still in earlier phases, each with its phase's name. Nothing
+        while no rank is behind this one (it is the one the others wait for, or all are in it together)."""
+        if not late:
+            return None, False
+        where = ", ".join(f"rank {r} at {self._phase_name(int(counts[r]))}" for r in late[:16])
+        who = f"rank {late[0]} has" if len(late) == 1 else f"ranks {', '.join(map(str, late))} have"
+        msg = f"hpcai: rank {self.rank}: stalled {waited:.1f} s {what}: {who} not arrived ({where})"
+        # Building a dataset or verifying a checkpoint takes as long as the data needs: said, never aborted.
+        slow = sorted({self.phases[counts[r] - 1] for r in late if int(counts[r]) in self.patient})
+        if slow and self.abort:
+            msg += f"; not aborting: {', '.join(map(repr, slow))} takes as long as its data needs"
+        return msg, not slow
+
+    def _phase_name(self, number: int) -> str:
+        if 1 <= number <= len(self.phases):
+            return f"#{number} {self.phases[number - 1]!r}"
+        return f"#{number}"
+
     def close(self) -> None:
-        """Collective: stop the watchdog and free the window."""
-        super().close()
+        """Collective: stop the watchdog and free the window. The barrier comes first, while the watchdog
+        still runs: in a startup phase it is the last wait for the slowest rank, and is watched."""
         self.comm.Barrier()
+        super().close()
         self.win.Free()
         self._local.clear()
         self._slot = None
@@ -175,3 +235,59 @@ class StallWatch(WaitWatch):
 def watched(watch: StallWatch | None, label: str) -> AbstractContextManager[None]:
     """``watch.collective(label)``, or nothing when stall detection is off (``watch`` is None)."""
     return watch.collective(label) if watch is not None else nullcontext()
+
+
+class StartupPhases:
+    """The phases of a job before its first step, numbered alike on every rank (``names``, in order).
+
+    Every rank calls ``enter(name)`` for each phase in order, passing through the ones where it has nothing
+    to do. With ``timeout_s > 0`` and several ranks, a :class:`StallWatch` reports a rank that has waited
+    in a phase longer than that for ranks still in earlier phases, naming them and their phases; with
+    ``abort`` it ends the job (exit 3). A rank stuck in plain Python (a user's model factory that never
+    returns) is named so, where it used to hang the job without a word. ``patient`` phases (rank 0 building
+    a dataset, verifying a checkpoint: as long as the data needs) are reported but never aborted.
+
+    Create it collectively, first thing, when every rank gets there at once; ``close()`` is collective
+    too, and its barrier (the last wait of startup) is still watched.
+    """
+
+    def __init__(
+        self,
+        comm: MPI.Comm,
+        names: Sequence[str],
+        timeout_s: float,
+        abort: bool = False,
+        patient: Collection[str] = (),
+        poll_s: float = 1.0,
+    ):
+        self.names = tuple(names)
+        self.current: str | None = None
+        self.watch: StallWatch | None = None
+        if timeout_s > 0 and comm.Get_size() > 1:
+            numbers = [self.names.index(name) + 1 for name in patient]
+            self.watch = StallWatch(comm, timeout_s, abort, poll_s, phases=self.names, patient=numbers)
+
+    def enter(self, name: str) -> None:
+        """This rank begins phase ``name`` (one of ``names``)."""
+        number = self.names.index(name) + 1
+        self.current = name
+        if self.watch is not None:
+            self.watch.phase(number)
+
+    def describe(self) -> str:
+        """Where this rank is, for a message: ``in startup phase 'model build'``."""
+        return f"in startup phase {self.current!r}" if self.current else "during startup"
+
+    def close(self) -> None:
+        """Collective: startup is over on every rank."""
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
+        self.current = None
+
+    def abandon(self) -> None:
+        """This rank only, on its way out (an error): stop watching; the windows go with the job."""
+        if self.watch is not None:
+            WaitWatch.close(self.watch)
+            self.watch = None
+        self.current = None
