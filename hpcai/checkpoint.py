@@ -731,6 +731,8 @@ def read_checkpoint(path: Path, verify: bool = True) -> Payload:
     file's, and the attributes a resume reads: a file that fails is one :class:`CheckpointError` line.
     """
     path = Path(path)
+    if not path.is_file():  # not a directory, and never a FIFO or a device that would block or never end
+        raise CheckpointError(f"{path}: no such checkpoint file")
     p = Payload()
     try:
         with h5py.File(path, "r", locking=False) as f:  # committed files never change: nothing to lock

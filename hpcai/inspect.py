@@ -24,7 +24,10 @@ _SHOWN = ("step", "epoch", "step_in_epoch", "world_size", "spec_sha256", "create
 
 def describe(path: Path) -> dict[str, Any]:
     """Metadata, tensors (shape, dtype) and the checksum verdict of one checkpoint file."""
-    info: dict[str, Any] = {"file": str(path), "bytes": path.stat().st_size}
+    try:
+        info: dict[str, Any] = {"file": str(path), "bytes": path.stat().st_size}
+    except OSError as e:  # e.g. a dangling symlink among the checkpoints
+        return {"file": str(path), "bytes": 0, "checksums": f"FAILED: {path}: {e.strerror}", "tensors": {}}
     try:
         p = ckpt.read_checkpoint(path, verify=True)
         info["checksums"] = "ok"

@@ -322,6 +322,18 @@ def test_run_resume_path_and_predict_report_an_unloadable_checkpoint_in_one_line
     assert err.count("\n") == 1 and "no valid checkpoint" in err and not out.exists(), err
 
 
+def test_a_fifo_or_a_dangling_link_is_refused_not_waited_for(tmp_path: Path, capsys) -> None:
+    fifo = tmp_path / "step.h5"
+    os.mkfifo(fifo)
+    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint file"):
+        ckpt.read_checkpoint(fifo)  # opening a FIFO for reading would wait for a writer forever
+    older = _write(tmp_path, 10)
+    ckpt.checkpoint_path(tmp_path, 20).symlink_to(tmp_path / "gone.h5")
+    assert ckpt.find_resumable(tmp_path, warn=lambda _m: None)[0] == older
+    rc, out, _ = _inspect(capsys, tmp_path)
+    assert rc == 0 and "step-00000020.h5" in out and "FAILED" in out and "<- resume" in out
+
+
 # ------------------------------------------------------------------------------------ 3: temporary files
 
 
