@@ -4,6 +4,16 @@ The strategy (e.g. :class:`hpcai.parallel.data_parallel.DataParallel`) is handed
 communication: ``prepare(model)``, ``train_step(model, x, y, loss_fn)``, ``sum``, ``max``, ``gather``.
 Checkpoints hold everything needed to continue bit for bit: model, optimizer and scheduler state, the position
 (epoch, step within it), every rank's RNG states and the losses of the unfinished logging window.
+
+Divergence (``train.on_nonfinite``): every step, before the update, the ranks agree through one tiny
+collective whether any rank saw a NaN/inf loss or gradient norm (the pipeline's loss lives on its last stage,
+each stage has its own gradients). "stop" raises :class:`NonFiniteError` on every rank at that step, before
+the update and without writing a checkpoint; "skip" drops the step's update on every rank as AMP's
+GradScaler does: no optimizer step (its state untouched), the model's buffers put back, while the batch, the
+step counter and the learning-rate schedule move on. Unlike AMP's scaler, nothing changes after a skipped
+step, so a state that makes every step non-finite would skip to the end: :data:`MAX_SKIPS_IN_ROW` skipped
+steps in a row, or non-finite parameters, stop the job as "stop" does. A checkpoint is never written of
+non-finite parameters.
 """
 
 from __future__ import annotations
@@ -26,6 +36,10 @@ from hpcai.report import Reporter, elapsed, versions
 from hpcai.spec import CheckpointSection, JobSpec, TrainSection
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed on request; run the same command again to continue
+EXIT_NONFINITE = 4  # training diverged (train.on_nonfinite = "stop"); 3 is the stall abort's
+# "skip": this many non-finite steps in a row mean the state itself diverged (a bad batch is not followed by
+# nine more in a shuffled epoch): the job stops instead of skipping every step to the end.
+MAX_SKIPS_IN_ROW = 10
 
 
 class Strategy(Protocol):
@@ -55,6 +69,71 @@ class Preempted(Exception):
     """Training stopped on a signal after writing a checkpoint."""
 
     exit_code = EXIT_PREEMPTED
+
+
+class NonFiniteError(Exception):
+    """Training diverged: a NaN/inf loss or gradient norm under ``train.on_nonfinite = "stop"``, or
+    non-finite parameters (which skipping cannot repair). No checkpoint of that state is written.
+
+    The message is the one line to print (rank 0's names the step, the rank and the last good checkpoint).
+    ``collective``: every rank of the job raises it at the same step (they agreed through a collective), so
+    rank 0 prints it and every rank exits with :attr:`exit_code`, as for :class:`Preempted`; False when one
+    rank raises it alone (a parameter server), which must end the job with MPI_Abort(exit_code).
+    """
+
+    exit_code = EXIT_NONFINITE
+
+    def __init__(self, message: str, collective: bool = True):
+        super().__init__(message)
+        self.collective = collective
+
+
+# What a rank saw, in a step's flag: (world - rank) * 8 + kind, so that the maximum over the ranks names the
+# lowest rank that saw one and what it saw.
+NONFINITE_KINDS = {
+    1: "loss is nan",
+    2: "loss is inf",
+    3: "gradient norm is nan",
+    4: "gradient norm is inf",
+    5: "parameters are not finite",
+}
+
+
+def nonfinite_kind(loss: float | None, grad_norm: float) -> int:
+    """The :data:`NONFINITE_KINDS` key for a rank's loss (None: this rank computes none) and gradient norm;
+    0 when both are finite."""
+    if loss is not None and not math.isfinite(loss):
+        return 1 if math.isnan(loss) else 2
+    if not math.isfinite(grad_norm):
+        return 3 if math.isnan(grad_norm) else 4
+    return 0
+
+
+def encode_nonfinite(kind: int, rank: int, world: int) -> int:
+    return (world - rank) * 8 + kind if kind else 0
+
+
+def decode_nonfinite(code: int, world: int) -> str:
+    """The text "<what> on rank <r>" of the maximum of the ranks' :func:`encode_nonfinite` values."""
+    return f"{NONFINITE_KINDS[code % 8]} on rank {world - code // 8}"
+
+
+def total_norm(tensors: list[torch.Tensor]) -> float:
+    """The 2-norm of all ``tensors`` together (NaN/inf when any element is)."""
+    if not tensors:
+        return 0.0
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if get_total_norm is not None:
+        return float(get_total_norm(tensors))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors])))
+
+
+def grad_norm(model: nn.Module) -> float:
+    return total_norm([p.grad.detach() for p in model.parameters() if p.grad is not None])
+
+
+def params_finite(model: nn.Module) -> bool:
+    return math.isfinite(total_norm([p.detach() for p in model.parameters() if p.is_floating_point()]))
 
 
 def make_optimizer(model: nn.Module, cfg: TrainSection) -> torch.optim.Optimizer:
@@ -96,21 +175,25 @@ class Result:
     resumed_from: int | None = None
     stopped_early: bool = False
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: int = 0  # steps whose update train.on_nonfinite = "skip" dropped (resumed runs included)
 
 
 @dataclass(frozen=True)
 class FailureInjection:
-    """``--inject-failure step=K[,rank=R][,how=kill|hang|raise]``: rank R fails right after its K-th step.
+    """``--inject-failure step=K[,rank=R][,how=kill|hang|raise|nan]``: rank R fails in its K-th step, right
+    after its forward and backward (before the step's flag exchange and update: the others wait for it there).
 
     kill (default): SIGKILL, a crash. hang: the rank stops communicating (sleeps forever), like a stuck node
-    or file system. raise: a Python exception, like a bad batch or a bug.
+    or file system. raise: a Python exception, like a bad batch or a bug. nan: rank R's loss (where it has
+    one) and gradients of step K become NaN before the update, as a diverging step's would
+    (train.on_nonfinite).
     """
 
     step: int
     rank: int = 0
     how: str = "kill"
 
-    HOWS = ("kill", "hang", "raise")
+    HOWS = ("kill", "hang", "raise", "nan")
 
     @classmethod
     def parse(cls, text: str) -> FailureInjection:
@@ -124,7 +207,7 @@ class FailureInjection:
             inj = cls(step=int(kv["step"]), rank=int(kv.get("rank", 0)), how=kv.get("how", "kill"))
         except ValueError:
             raise UserError(
-                f"--inject-failure: expected step=K[,rank=R][,how=kill|hang|raise], got {text!r}"
+                f"--inject-failure: expected step=K[,rank=R][,how={'|'.join(cls.HOWS)}], got {text!r}"
             ) from None
         if inj.step < 1 or inj.rank < 0 or inj.how not in cls.HOWS:
             raise UserError(
@@ -133,8 +216,24 @@ class FailureInjection:
             )
         return inj
 
+    def poisons(self, step: int, rank: int) -> bool:
+        """Whether this rank's gradients of ``step`` (1-based) are to be made NaN (how = nan)."""
+        return self.how == "nan" and self.step == step and self.rank == rank
+
+    def poison(
+        self, loss: torch.Tensor | None, grads: list[torch.Tensor], logger: Any
+    ) -> torch.Tensor | None:
+        """how = nan: the loss (if any) and the gradients become NaN; returns the loss."""
+        logger.info(f"injected failure: nan at step {self.step}")
+        with torch.no_grad():
+            for g in grads:
+                g.fill_(float("nan"))
+        return None if loss is None else loss * float("nan")
+
     def fire(self, logger: Any) -> None:
-        """Fail as configured (called by the rank and step it names)."""
+        """Fail as configured (called by the rank and step it names); nan is applied by :meth:`poison`."""
+        if self.how == "nan":
+            return
         logger.info(f"injected failure: {self.how} at step {self.step}")
         for h in logger.handlers:
             h.flush()
@@ -208,6 +307,12 @@ class Trainer:
         self.last_loss = float("nan")  # rank 0: the loss of the last logged step (summary's final_loss)
         self.resumed_from: int | None = None
         self.checkpoints: list[dict[str, Any]] = []
+        self.skipped_steps = 0  # train.on_nonfinite = "skip": updates dropped, this run and those it resumes
+        self._warned_skip = False  # a skip was announced in the current logging window
+        self._skips_in_row = 0
+        # "skip" puts the buffers (BatchNorm's running statistics) back as they were before a dropped step.
+        self._buffers = list(model.buffers()) if self.cfg.on_nonfinite == "skip" else []
+        self._buffers_before = [b.detach().clone() for b in self._buffers]
 
     # -------------------------------------------------------------------------------- checkpoint state
 
@@ -227,10 +332,21 @@ class Trainer:
         ckpt.unpack_rng(payload.arrays[key])
         self.carried = list(payload.arrays.get("train/window_losses", np.zeros(0))) if self.rank == 0 else []
         self.last_loss = float(a.get("last_loss", float("nan")))
+        self.skipped_steps = int(a.get("skipped_steps", 0))
         self.resumed_from = self.step
 
     def save_checkpoint(self) -> None:
-        """Collective: every rank hands rank 0 its RNG state and window losses; rank 0 commits the file."""
+        """Collective: every rank hands rank 0 its RNG state and window losses; rank 0 commits the file.
+
+        Never of non-finite parameters (an update with finite gradients can still overflow them): every rank
+        checks its own (a pipeline stage holds only its part) and all raise :class:`NonFiniteError` together.
+        """
+        bad = encode_nonfinite(0 if params_finite(self.model) else 5, self.rank, self.strategy.world_size)
+        bad = int(self.strategy.max(np.array([bad], dtype=np.int32))[0])
+        if bad:
+            raise self._stop(
+                f"step {self.step}: {decode_nonfinite(bad, self.strategy.world_size)} after its update"
+            )
         rngs = self.strategy.gather(ckpt.pack_rng())
         window = self._gather_window()
         # A strategy holding part of the model on each rank gathers the whole model to rank 0 (collective).
@@ -257,6 +373,7 @@ class Trainer:
             step_in_epoch=in_epoch,
             samples_seen=self.step * self.loader.global_batch,
             last_loss=self.last_loss,
+            skipped_steps=self.skipped_steps,
             world_size=self.strategy.world_size,
             shuffle_seed=self.cfg.seed,
             spec=_json(self.spec.to_dict()),
@@ -297,6 +414,54 @@ class Trainer:
         rows = np.asarray(gathered).reshape(-1, 2)
         return [float(v) for v, valid in rows if valid]
 
+    # -------------------------------------------------------------------------------- non-finite steps
+
+    def _nonfinite_code(self, loss: torch.Tensor | None) -> int:
+        """This rank's flag for the step just computed (0: loss and gradient norm finite)."""
+        kind = nonfinite_kind(None if loss is None else float(loss), grad_norm(self.model))
+        return encode_nonfinite(kind, self.rank, self.strategy.world_size)
+
+    def _stop(self, what: str) -> NonFiniteError:
+        """The error every rank raises (rank 0's line is printed); an async checkpoint still being written is
+        of an earlier, good state: it is finished first."""
+        if self.writer is not None:
+            self.writer.wait()
+        last = ""
+        if self.writer is not None and self.strategy.is_root:
+            found = ckpt.list_checkpoints(self.writer.run_dir)
+            last = f" (last good: {found[-1]})" if found else " (none was written before it)"
+        return NonFiniteError(
+            f"{what} (train.lr = {self.cfg.lr:g}, {self.scheduler.get_last_lr()[0]:.3g} at this step; "
+            f"train.on_nonfinite = '{self.cfg.on_nonfinite}'); stopped, no checkpoint written of this "
+            f"state{last}"
+        )
+
+    def _on_nonfinite(self, code: int) -> None:
+        """Every rank, the same ``code`` (the step's agreed flag): raise under "stop"; under "skip" count the
+        step, put the buffers back and announce it (once per logging window); the caller drops the update."""
+        world = self.strategy.world_size
+        what = f"step {self.step + 1}: {decode_nonfinite(code, world)}"
+        if self.cfg.on_nonfinite == "stop":
+            raise self._stop(what)
+        # Non-finite parameters give a non-finite loss at every later step: skipping cannot get past them.
+        bad = encode_nonfinite(0 if params_finite(self.model) else 5, self.rank, world)
+        bad = int(self.strategy.max(np.array([bad], dtype=np.int32))[0])
+        if bad:
+            raise self._stop(f"{what}, and the {decode_nonfinite(bad, world)}: skipping steps cannot recover")
+        self._skips_in_row += 1
+        if self._skips_in_row >= MAX_SKIPS_IN_ROW:
+            raise self._stop(f"{what}, {self._skips_in_row} steps in a row: skipping steps cannot recover")
+        self.skipped_steps += 1
+        with torch.no_grad():
+            for b, before in zip(self._buffers, self._buffers_before, strict=True):
+                b.copy_(before)
+        if not self._warned_skip:
+            self._warned_skip = True
+            self.reporter.say(
+                f"warning: {what}: update dropped on every rank (train.on_nonfinite = 'skip'); "
+                f"{self.skipped_steps} step(s) skipped so far"
+            )
+
     # -------------------------------------------------------------------------------- the loop
 
     def fit(self, test: ShardedSplit) -> Result:
@@ -314,15 +479,33 @@ class Trainer:
             for x, y in self.loader.epoch(self.epoch, self.step_in_epoch):
                 if self.device.type != "cpu":
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                with torch.no_grad():
+                    for b, before in zip(self._buffers, self._buffers_before, strict=True):
+                        before.copy_(b)
                 loss = self.strategy.train_step(self.model, x, y, loss_fn)
+                if self.inject and self.inject.step == self.step + 1 and self.inject.rank == self.rank:
+                    if self.inject.poisons(self.step + 1, self.rank):
+                        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                        loss = self.inject.poison(loss, grads, self.reporter.logger)
+                    self.inject.fire(self.reporter.logger)  # kill, hang, raise: before the step's flags
                 lr = self.scheduler.get_last_lr()[0]
+                # One tiny collective a step, before the update: all ranks agree on a non-finite loss or
+                # gradient norm on any rank, a stop request and a timed checkpoint.
+                timed = ccfg.every_seconds > 0 and time.perf_counter() - last_ckpt >= ccfg.every_seconds
+                stop_flag = bool(self.stop is not None and self.stop.is_set())
+                flags = np.array([self._nonfinite_code(loss), stop_flag, timed], dtype=np.int32)
+                bad, stop_any, timed_any = (int(v) for v in self.strategy.max(flags))
+                if bad:
+                    self._on_nonfinite(bad)  # "stop" raises here, on every rank
                 if self.writer is not None and (waited := self.writer.fence()):
                     self.checkpoints[-1]["block_s"] += waited  # the snapshot's copy outlasted fwd + bwd
-                self.optimizer.step()
-                self.scheduler.step()
+                if not bad:
+                    self.optimizer.step()
+                    self._skips_in_row = 0
+                self.scheduler.step()  # a skipped step still moves the schedule on, as with AMP's scaler
                 self.step += 1
                 self.step_in_epoch += 1
-                self.window.append(loss)
+                self.window.append(None if bad else loss)  # a dropped step's loss is not logged
                 if self.step == start_step + 1 and self.writer is not None and self.strategy.is_root:
                     # Optimizer state exists now: size the async writer's snapshot buffers, off the loop.
                     if getattr(self.strategy, "state_for_checkpoint", None) is None:
@@ -330,8 +513,6 @@ class Trainer:
                             ckpt.pack_state(self.model, self.optimizer, self.scheduler).arrays
                         )
                 window_steps += 1
-                if self.inject and self.inject.step == self.step and self.inject.rank == self.rank:
-                    self.inject.fire(self.reporter.logger)
                 epoch_end = self.step_in_epoch == self.loader.steps_per_epoch
                 do_eval = bool(cfg.eval_every) and epoch_end and (self.epoch + 1) % cfg.eval_every == 0
                 if self.step % cfg.log_every == 0 or self.step == self.n_steps or do_eval:
@@ -339,7 +520,8 @@ class Trainer:
                     self.carried = []
                     if self.strategy.is_root:
                         # fsum: exactly rounded whatever the order, so a resumed window logs the same bits.
-                        self.last_loss = math.fsum(values) / len(values)
+                        # NaN: every step of the window was skipped (train.on_nonfinite = "skip").
+                        self.last_loss = math.fsum(values) / len(values) if values else float("nan")
                     dt = time.perf_counter() - window_t0
                     record = {
                         "step": self.step,
@@ -349,6 +531,9 @@ class Trainer:
                         "samples_per_s": window_steps * self.loader.global_batch / dt,
                         "wall_s": elapsed(self.reporter.t0),
                     }
+                    if cfg.on_nonfinite == "skip":
+                        record["skipped_steps"] = self.skipped_steps
+                    self._warned_skip = False
                     if do_eval:  # counts in the training time, as MLPerf's time-to-train does
                         record["test_accuracy"] = self._evaluate(test)
                     self.reporter.step(record, advance=window_steps)
@@ -360,11 +545,6 @@ class Trainer:
                             break
                 if self.step >= self.n_steps:
                     break
-                # One tiny collective a step: all ranks agree on a stop request or a timed checkpoint.
-                now = time.perf_counter()
-                timed = ccfg.every_seconds > 0 and now - last_ckpt >= ccfg.every_seconds
-                stop_flag = bool(self.stop is not None and self.stop.is_set())
-                stop_any, timed_any = self.strategy.max(np.array([stop_flag, timed], dtype=np.int32))
                 by_steps = ccfg.every_steps > 0 and self.step % ccfg.every_steps == 0
                 if self.writer is not None and (by_steps or timed_any or stop_any):
                     self.save_checkpoint()
@@ -404,6 +584,7 @@ class Trainer:
             resumed_from=self.resumed_from,
             stopped_early=self.stopped_early,
             checkpoints=self.checkpoints,
+            skipped_steps=self.skipped_steps,
         )
 
 

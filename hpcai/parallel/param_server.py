@@ -14,6 +14,10 @@ loop pull -> gradient of their own batches -> push; the loops are in :mod:`hpcai
 calls in :mod:`hpcai.parallel.ps_comm`. Rank 0 (server 0) writes metrics.jsonl, checkpoints (every server's
 shard and optimizer state gathered into one HDF5 file with tensors named as in the full model, the same
 layout as data parallel's) and summary.json.
+
+A NaN/inf loss or gradient norm on a worker is never pushed; ``train.on_nonfinite`` decides whether the step
+is dropped ("skip", counted as ``skipped_steps``) or the job ends with exit 4 and no checkpoint of that
+state ("stop"); :mod:`hpcai.parallel.ps_loops` says how the servers agree.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from torch import nn
 
 from hpcai import checkpoint as ckpt
+from hpcai.fsio import atomic_write_text
 from hpcai.parallel import ps_comm
 from hpcai.spec import JobSpec, TrainSection
 from hpcai.train import lr_lambda, make_optimizer
@@ -300,9 +305,9 @@ def train_ps(spec: JobSpec, topo, t0: float) -> dict | None:
     from hpcai.data.shards import ShardedDataset
     from hpcai.models import build_model
     from hpcai.parallel.ps_loops import Server, SlowDown, run_worker_loop
-    from hpcai.report import Reporter, rank_logger, versions, write_run_outputs
-    from hpcai.train import FailureInjection, evaluate, total_steps
-    from hpcai.worker import _ensure_dataset, _select_checkpoint, _truncate_metrics
+    from hpcai.report import Reporter, rank_logger, truncate_metrics, versions, write_run_outputs
+    from hpcai.train import FailureInjection, NonFiniteError, evaluate, total_steps
+    from hpcai.worker import _ensure_dataset, _select_checkpoint
 
     if topo.n_servers == 0:  # e.g. a sweep trial's data-parallel sub-communicator
         from hpcai.errors import UserError
@@ -312,7 +317,7 @@ def train_ps(spec: JobSpec, topo, t0: float) -> dict | None:
     resume_path = None
     if topo.is_root:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "job.toml").write_text(spec.to_toml())
+        atomic_write_text(run_dir / "job.toml", spec.to_toml())  # a full disk: one line, no empty file
         _ensure_dataset(spec, print)
         resume_path = _select_checkpoint(spec, os.environ.get("HPCAI_RESUME", "auto"), print)
         if resume_path is None:
@@ -360,14 +365,24 @@ def train_ps(spec: JobSpec, topo, t0: float) -> dict | None:
     if payload is not None:
         load_shard(payload, model, plan, topo.rank, opt)
         if topo.is_root:
-            _truncate_metrics(run_dir, payload.step)
+            truncate_metrics(run_dir, payload.step, print)
     reporter = Reporter(run_dir, topo.is_root, logger, n_steps, t0)
     writer = (
         ckpt.CheckpointWriter(run_dir, spec.checkpoint.keep, False, log=logger.info) if topo.is_root else None
     )
 
     def save(server: Server) -> None:
-        """Collective over the servers at the same version: gather, and server 0 commits the file."""
+        """Collective over the servers at the same version: gather, and server 0 commits the file.
+
+        First the servers agree (one tiny all-reduce) that none is stopping for a non-finite step and that
+        every shard is finite; otherwise nothing is written, and non-finite parameters stop the job."""
+        flags = np.array([server.stopping is not None, not np.isfinite(opt.values()).all()], np.int64)
+        if topo.n_servers > 1:
+            ps_comm.allreduce_max_(flags, topo.server_comm)
+        if flags[1]:
+            server.stop_for(f"step {server.global_step}: parameters are not finite after its update")
+        if flags.any():
+            return
         gathered = gather_checkpoint(topo, plan, opt, 2 * spec.ps.timeout_s)
         if writer is None:
             server.checkpoints.append({"step": server.global_step})
@@ -399,8 +414,19 @@ def train_ps(spec: JobSpec, topo, t0: float) -> dict | None:
         result = server.run()
     finally:
         reporter.close()
-    if spec.checkpoint.final:  # every server, whatever its own count: the gather is collective
+    if spec.checkpoint.final and server.stopping is None:  # every server: the gather is collective
         save(server)
+    if server.stopping is not None:  # every server knows by now: each saw the worker's NONFINITE
+        if writer is not None:
+            writer.wait()
+        last = ""
+        if topo.is_root:
+            found = ckpt.list_checkpoints(run_dir)
+            last = f" (last good: {found[-1]})" if found else " (none was written before it)"
+        raise NonFiniteError(
+            f"{server.stopping} (train.lr = {spec.train.lr:g}; train.on_nonfinite = "
+            f"'{spec.train.on_nonfinite}'); stopped, no checkpoint written of this state{last}"
+        )
     gathered = gather_checkpoint(topo, plan, opt, 2 * spec.ps.timeout_s)
     if writer is not None:
         writer.wait()
@@ -435,6 +461,7 @@ def train_ps(spec: JobSpec, topo, t0: float) -> dict | None:
         "staleness_bound": spec.ps.staleness
         if spec.ps.mode == "ssp"
         else (0 if spec.ps.mode == "bsp" else None),
+        "skipped_steps": server.skipped,
         "failed_workers": result.failed,
         "left_workers": result.left,
         "shard_floats": list(plan.shard_sizes),

@@ -22,10 +22,20 @@ one that raised tells the servers and leaves (LEAVE, then MPI_Finalize and exit 
 accepts). Either way the servers drop it from the gates and go on, or server 0 stops the job
 (``ps.on_worker_failure``). While a server holds a reply back it sends heartbeats, so a waiting worker can
 tell a slow peer from a dead server (no reply and no heartbeat for ``ps.timeout_s``: the job stops).
+
+Divergence (``train.on_nonfinite``): a worker whose loss or gradient norm is NaN/inf does not push them; it
+sends NONFINITE instead (header only). Under "skip" the servers count that worker step as done (its clock and
+the version move on, as a data-parallel step's counter and schedule do) but apply nothing: the step is
+dropped. Under "stop" (or when the worker's pulled parameters themselves are not finite) every server starts
+*stopping*: pushes still arriving are applied as usual, so all servers keep the same versions and meet at the
+same checkpoint collectives, which then write nothing; every reply says STOP_NONFINITE, and once every
+worker has said goodbye every rank raises :class:`hpcai.train.NonFiniteError` (exit 4; server 0's message
+names the worker and its step).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -37,7 +47,8 @@ from torch import nn
 from hpcai.parallel import ps_comm
 from hpcai.parallel.ps_comm import TAG_PUSH, TAG_REPLY, Message
 
-OP_PULL, OP_PUSH, OP_DONE, OP_LEAVE = 1, 2, 3, 4
+OP_PULL, OP_PUSH, OP_DONE, OP_LEAVE, OP_NONFINITE = 1, 2, 3, 4, 5
+STOP_BUDGET, STOP_NONFINITE = 1, 2  # a reply's stop word: the budget is spent / a step was not finite
 
 
 def push_scale(cfg, workers: int, delay: int) -> float:
@@ -95,6 +106,8 @@ class Slot:
     read_version: int = 0
     read_min_clock: int = 0
     has_grad: bool = False  # bsp: its push for this round is in `push`
+    skipped: bool = False  # bsp: its step of this round was not finite and is dropped ("skip")
+    skips_in_row: int = 0  # its non-finite steps since its last pushed one
     updates: int = 0
 
 
@@ -132,6 +145,10 @@ class Server:
         self.checkpoints: list[dict] = []
         self.resumed_from: int | None = None
         self.local_batch = spec.train.batch_size // self.W0
+        self.on_nonfinite = spec.train.on_nonfinite
+        self.skipped = 0  # worker steps dropped as not finite ("skip"), resumed runs included
+        self.stopping: str | None = None  # why the job stops (a non-finite step): no more checkpoints
+        self._warned_skip = False  # a skip was announced in the current logging window
 
     # ---------------------------------------------------------------- state in checkpoints
 
@@ -140,7 +157,12 @@ class Server:
         return self.version if self.mode == "bsp" else self.version // self.W0
 
     def state_attrs(self) -> dict:
-        return {"ps_version": self.version, "ps_mode": self.mode, "ps_workers": self.W0}
+        return {
+            "ps_version": self.version,
+            "ps_mode": self.mode,
+            "ps_workers": self.W0,
+            "skipped_steps": self.skipped,
+        }
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         def pairs(h):
@@ -166,6 +188,7 @@ class Server:
             self.staleness = {int(k): int(v) for k, v in payload.arrays.get("ps/staleness_hist", [])}
             self.delay = {int(k): int(v) for k, v in payload.arrays.get("ps/delay_hist", [])}
         self.last_loss = float(a.get("last_loss", float("nan")))
+        self.skipped = int(a.get("skipped_steps", 0))
         self.resumed_from = self.last_logged = payload.step
         self.finished = self.version >= self.budget
 
@@ -210,7 +233,7 @@ class Server:
 
     def _handle(self, s: Slot) -> None:
         s.recv = None  # completed; reposted when we reply
-        op, clock, _, loss_bits = (int(v) for v in s.push.header)
+        op, clock, info, loss_bits = (int(v) for v in s.push.header)
         if op == OP_DONE:
             s.state = "done"
             return
@@ -221,7 +244,11 @@ class Server:
         s.state, s.since = "held", time.monotonic()
         if op == OP_PULL or self.finished:
             return
+        if op == OP_NONFINITE:
+            self._nonfinite(s, info)
+            return
         self.window.append(_i2f(loss_bits))
+        s.skips_in_row = 0
         lag = s.clock - s.read_min_clock
         self.staleness[lag] = self.staleness.get(lag, 0) + 1
         s.clock += 1
@@ -235,6 +262,39 @@ class Server:
         self.delay[gap] = self.delay.get(gap, 0) + 1
         self.opt.apply(s.push.body, push_scale(self.cfg, self.W0, gap), self.global_step)
         self._advance()
+
+    def _nonfinite(self, s: Slot, kind: int) -> None:
+        """Worker ``s`` did not push: its step's loss or gradient (``kind``, train.NONFINITE_KINDS) is not
+        finite. "skip": the step counts, nothing is applied; "stop", parameters that are themselves not finite
+        or MAX_SKIPS_IN_ROW of this worker's steps in a row (no later step would be finite): the job stops."""
+        from hpcai.train import MAX_SKIPS_IN_ROW, NONFINITE_KINDS
+
+        what = f"step {s.clock + 1} of worker rank {s.rank}: {NONFINITE_KINDS.get(kind, 'not finite')}"
+        s.skips_in_row += 1
+        if self.on_nonfinite == "stop" or kind == 5 or s.skips_in_row >= MAX_SKIPS_IN_ROW:
+            if self.on_nonfinite == "skip":
+                what += f", {s.skips_in_row} of its steps in a row" if kind != 5 else ""
+                what += ": skipping steps cannot recover"
+            self.stop_for(what)
+            return
+        s.clock += 1
+        self.skipped += 1
+        if not self._warned_skip:
+            self._warned_skip = True
+            self.reporter.say(
+                f"warning: {what}: update dropped (train.on_nonfinite = 'skip'); {self.skipped} worker "
+                "step(s) skipped so far"
+            )
+        if self.mode == "bsp":
+            s.skipped = True  # the round goes on without it (_release)
+            return
+        self._advance()
+
+    def stop_for(self, what: str) -> None:
+        """Start stopping the job for a non-finite step (kept: the first reason)."""
+        if self.stopping is None:
+            self.stopping = what
+            self.logger.warning(f"stopping: {what}")
 
     def _advance(self) -> None:
         """After an update: log, checkpoint, inject, stop at the budget."""
@@ -260,7 +320,7 @@ class Server:
         if self.window:
             self.last_loss = sum(self.window) / len(self.window)
         now = time.perf_counter()
-        record = {
+        record: dict = {
             "step": step,
             "epoch": step // self.steps_per_epoch,
             "loss": self.last_loss,
@@ -271,6 +331,9 @@ class Server:
             "updates": sum(s.updates for s in self.slots.values()),
             "max_staleness": max(self.staleness, default=0),
         }
+        if self.on_nonfinite == "skip":
+            record["skipped_steps"] = self.skipped
+        self._warned_skip = False
         self.reporter.step(record, advance=step - max(self.last_logged, 0))
         self.window, self.updates_window, self.t_window, self.last_logged = [], 0, now, step
 
@@ -283,23 +346,26 @@ class Server:
             if any(s.state in ("new", "computing") for s in self.slots.values()):
                 return  # the round is not complete
             grads = [s for s in self.slots.values() if s.has_grad]  # worker order: reproducible sums
-            if grads:
-                total = grads[0].push.body.copy()
-                for s in grads[1:]:
-                    total += s.push.body
-                self.opt.apply(total, 1.0 / len(grads), self.global_step)
-                for s in grads:
-                    s.has_grad = False
+            skips = [s for s in self.slots.values() if s.skipped]
+            if grads or skips:  # a round of dropped steps only still counts (the schedule moves on)
+                if grads:
+                    total = grads[0].push.body.copy()
+                    for s in grads[1:]:
+                        total += s.push.body
+                    self.opt.apply(total, 1.0 / len(grads), self.global_step)
+                for s in grads + skips:
+                    s.has_grad = s.skipped = False
                 self._advance()
         low = self._min_clock()
+        stop = STOP_NONFINITE if self.stopping else (STOP_BUDGET if self.finished else 0)
         for s in held:
-            if self.finished or self.mode != "ssp" or s.clock - low <= self.cfg.staleness:
-                self._reply(s, stop=self.finished, min_clock=low)
+            if stop or self.mode != "ssp" or s.clock - low <= self.cfg.staleness:
+                self._reply(s, stop=stop, min_clock=low)
 
-    def _reply(self, s: Slot, stop: bool, min_clock: int) -> None:
+    def _reply(self, s: Slot, stop: int, min_clock: int) -> None:
         if s.sent is not None:
             s.sent.Wait()  # it pushed again, so it received our last reply: complete (or completing) now
-        s.reply.header[:] = (self.version, int(stop), s.clock, min_clock)
+        s.reply.header[:] = (self.version, stop, s.clock, min_clock)
         s.reply.body[:] = self.opt.values()
         comm = self.topo.ps_comm
         s.recv = ps_comm.post_recv(s.push, comm, s.rank, TAG_PUSH)  # before the reply: its next push
@@ -319,7 +385,7 @@ class Server:
                 )
 
     def _failure(self, s: Slot, why: str) -> None:
-        s.has_grad = False
+        s.has_grad = s.skipped = False
         msg = f"worker rank {s.rank} {why} (global step {self.global_step})"
         self.logger.warning(msg)
         if not self.topo.is_root:
@@ -355,7 +421,12 @@ def _batches(loader, clock: int):
 
 def run_worker_loop(topo, plan, model: nn.Module, flat, grad, loader, spec, logger, inject, slow) -> None:
     """Pull, compute, push until a server says stop; a failure of this worker is handled per
-    ps.on_worker_failure ('continue': tell the servers and leave cleanly; 'stop': raise, the job ends)."""
+    ps.on_worker_failure ('continue': tell the servers and leave cleanly; 'stop': raise, the job ends).
+
+    A step whose loss or gradient norm is not finite is not pushed (NONFINITE instead); when the servers
+    stop the job for one, this worker says goodbye and raises :class:`hpcai.train.NonFiniteError`."""
+    from hpcai.train import NONFINITE_KINDS, NonFiniteError, nonfinite_kind, total_norm
+
     comm, cfg, servers = topo.ps_comm, spec.ps, list(topo.server_ranks)
     out = [Message(plan.shard_sizes[s]) for s in servers]
     inn = [Message(plan.shard_sizes[s]) for s in servers]
@@ -363,12 +434,14 @@ def run_worker_loop(topo, plan, model: nn.Module, flat, grad, loader, spec, logg
     flat_np, grad_np = flat.numpy(), grad.numpy()
     heard = [time.monotonic()]
 
-    def exchange(op: int, clock: int, loss: float) -> bool:
-        """Send ``op`` to every server, wait for every reply (parameters in place); True: stop."""
+    def exchange(op: int, clock: int, loss: float, info: int | None = None) -> int:
+        """Send ``op`` to every server, wait for every reply (parameters in place); the stop word (0: go on,
+        STOP_BUDGET, STOP_NONFINITE). ``info``: the header's third word (default: the version read)."""
         recvs = [ps_comm.post_recv(inn[i], comm, s, TAG_REPLY) for i, s in enumerate(servers)]
         sends = []
         for i, s in enumerate(servers):
-            out[i].header[:] = (op, clock, inn[i].header[0], _f2i(loss))
+            word = inn[i].header[0] if info is None else info
+            out[i].header[:] = (op, clock, word, _f2i(loss))
             if op == OP_PUSH:
                 plan.pack(grad_np, s, out[i].body)
             sends.append(ps_comm.isend(out[i], comm, s, TAG_PUSH, header_only=op != OP_PUSH))
@@ -391,7 +464,7 @@ def run_worker_loop(topo, plan, model: nn.Module, flat, grad, loader, spec, logg
             ) from None
         for i, s in enumerate(servers):
             plan.unpack(inn[i].body, s, flat_np)
-        return any(int(m.header[1]) for m in inn)
+        return max(int(m.header[1]) for m in inn)
 
     def farewell(op: int) -> None:
         sends = []
@@ -418,6 +491,8 @@ def run_worker_loop(topo, plan, model: nn.Module, flat, grad, loader, spec, logg
             if cfg.simulate_compute_s:
                 time.sleep(cfg.simulate_compute_s)
             slow.after(time.perf_counter() - t0)
+            if inject is not None and inject.poisons(clock + 1, topo.rank):
+                loss = inject.poison(loss, [grad], logger)
             if inject is not None and inject.step == clock + 1:
                 inject.fire(logger)
         except Exception as e:
@@ -432,7 +507,15 @@ def run_worker_loop(topo, plan, model: nn.Module, flat, grad, loader, spec, logg
             )
             farewell(OP_LEAVE)
             return
-        stop = exchange(OP_PUSH, clock, float(loss.detach()))
+        value = float(loss.detach())
+        kind = nonfinite_kind(value, total_norm([grad]))
+        if kind and not math.isfinite(total_norm([flat])):
+            kind = 5  # the parameters it pulled: no later step can be finite either
+        if kind:
+            logger.warning(f"step {clock + 1}: {NONFINITE_KINDS[kind]}: not pushed")
+        stop = exchange(OP_NONFINITE, clock, value, kind) if kind else exchange(OP_PUSH, clock, value)
         clock += 1
     farewell(OP_DONE)
     logger.info(f"worker {topo.worker_index}: stopped after step {clock}")
+    if stop == STOP_NONFINITE:
+        raise NonFiniteError("stopped by the servers: a worker's step was not finite (rank 0 names it)")
