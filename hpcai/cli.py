@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--inject-failure",
-        metavar="step=K[,rank=R][,how=kill|hang|raise]",
-        help="rank R fails after step K: SIGKILL (default), stops communicating, or raises (tests)",
+        metavar="step=K[,rank=R][,how=kill|hang|raise|nan]",
+        help="rank R fails after step K: SIGKILL (default), stops communicating, raises, or its loss and "
+        "gradients become NaN (tests)",
     )
     run.add_argument(
         "--slow-rank",

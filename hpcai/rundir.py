@@ -139,6 +139,9 @@ def acquire(run_dir: Path, what: str = "hpcai run") -> RunDirLock:
         pass  # a full disk: the lock holds all the same; only the holder's description is missing
     remove_stale_temporaries(run_dir)
     remove_stale_temporaries(run_dir / "checkpoints")
+    for old in (run_dir / "checkpoints").glob(".step-*.h5.tmp"):  # written before temporary names were unique
+        if old.is_symlink() or old.is_file():
+            old.unlink(missing_ok=True)
     return RunDirLock(run_dir, fd)
 
 

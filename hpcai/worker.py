@@ -79,23 +79,10 @@ def _select_checkpoint(spec: JobSpec, mode: str, say):
             f"{path}: written by a different job spec ({'; '.join(diffs)}); "
             "use --resume force to continue with the new spec, or another --run-dir"
         )
-    if spec.train.batch_size != saved["train"]["batch_size"]:
+    if spec.train.batch_size != saved.get("train", {}).get("batch_size"):
         raise ckpt.CheckpointError(f"{path}: train.batch_size differs; the epoch position cannot carry over")
     say(f"resuming from {path} (step {payload.step}, written by {payload.attrs['world_size']} ranks)")
     return path
-
-
-def _truncate_metrics(run_dir: Path, keep_through: int) -> None:
-    """Drop metrics.jsonl records after the resumed step: the resumed run writes them again."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return
-    kept = [
-        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= keep_through
-    ]
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
 
 
 # Startup phases, numbered alike on every rank: a stall report names a peer's phase by its number. Each
@@ -177,7 +164,7 @@ def _train_job(spec: JobSpec, topo, t0: float, on_eval, startup, signals) -> dic
     from hpcai.data.shards import ShardedDataset
     from hpcai.models import build_model, model_skeleton
     from hpcai.parallel.data_parallel import DataParallel
-    from hpcai.report import Reporter, rank_logger, versions, write_run_outputs
+    from hpcai.report import Reporter, rank_logger, truncate_metrics, versions, write_run_outputs
     from hpcai.train import FailureInjection, Trainer, total_steps
 
     if on_eval is None and spec.train.stop_at_accuracy > 0:  # time to train: stop once the target is reached
@@ -253,7 +240,7 @@ def _train_job(spec: JobSpec, topo, t0: float, on_eval, startup, signals) -> dic
         ckpt.read_checkpoint(Path(resume_path), verify=False) if resume_path else None
     )  # rank 0 verified
     if payload is not None and topo.is_root:
-        _truncate_metrics(run_dir, payload.step)  # before the reporter appends to it
+        truncate_metrics(run_dir, payload.step, print)  # before the reporter appends to it
     reporter = Reporter(run_dir, topo.is_root, logger, total_steps(spec.train, loader.steps_per_epoch), t0)
     writer = ckpt.CheckpointWriter(run_dir, spec.checkpoint.keep, spec.checkpoint.async_save, log=logger.info)
     startup.enter("parameter broadcast")  # Trainer: the strategy's prepare broadcasts rank 0's parameters
@@ -308,6 +295,7 @@ def _train_job(spec: JobSpec, topo, t0: float, on_eval, startup, signals) -> dic
             "spec_sha256": spec.spec_hash(),
             "resumed_from_step": result.resumed_from,
             "stopped_early": result.stopped_early,
+            "skipped_steps": result.skipped_steps,
             "restarts": restarts,
             "checkpoints": result.checkpoints,
             **comm_stats,
@@ -346,7 +334,7 @@ def run_worker(spec: JobSpec, t0: float | None = None, run_dir_locked: bool = Fa
 
     from hpcai.comm.abort import Interrupted, JobSignals, abort_job
     from hpcai.comm.stall import StartupPhases
-    from hpcai.train import Preempted
+    from hpcai.train import NonFiniteError, Preempted
 
     rank = MPI.COMM_WORLD.Get_rank()
     # First thing: from here on a SIGUSR1 is remembered, and a SIGTERM/SIGINT outside the loop ends the job.
@@ -371,6 +359,17 @@ def run_worker(spec: JobSpec, t0: float | None = None, run_dir_locked: bool = Fa
     except Preempted as e:  # every rank agreed to stop at this step: a clean, collective exit
         if rank == 0:
             sys.stderr.write(f"hpcai: {e}; run the same command again to continue\n")
+        return e.exit_code
+    except NonFiniteError as e:  # divergence (train.on_nonfinite = "stop"): exit 4, no checkpoint of it
+        if e.collective:  # every rank raised it at the same step: rank 0 says it, everyone leaves
+            if rank == 0:
+                sys.stderr.write(f"hpcai: error: {e}\n")
+            return e.exit_code
+        signals.hold()
+        line = f"hpcai: rank {rank}: error: {e}"
+        if MPI.COMM_WORLD.Get_size() > 1:
+            abort_job(line, e.exit_code)
+        sys.stderr.write(line + "\n")
         return e.exit_code
     except Interrupted as e:  # a signal ends the job now: one line, 75 / 130 / 143, every rank ends
         return signals.end_job(e.signum)

@@ -97,6 +97,7 @@ def test_stale_temporaries_are_removed_under_the_lock(tmp_path: Path) -> None:
     stale = [
         run_dir / ".metrics.jsonl.tmp-node1-123-abcd",
         run_dir / "checkpoints" / ".step-00000300.h5.tmp-node1-123-ab12",
+        run_dir / "checkpoints" / ".step-00000400.h5.tmp",  # the fixed name of earlier versions
     ]
     for p in stale:
         p.write_bytes(b"partial")
