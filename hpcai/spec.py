@@ -114,7 +114,8 @@ class TrainSection:
     )
     on_nonfinite: str = _doc(
         "A NaN/inf loss or gradient norm: 'stop' ends the job naming the step (exit 4, no checkpoint of "
-        "that state), 'skip' drops that step's update on every rank and goes on (as AMP's GradScaler does).",
+        "that state), 'skip' drops that step's update on every rank and goes on (as AMP's GradScaler does), "
+        "stopping too after 10 skipped steps in a row or on non-finite parameters.",
         default="stop",
     )
 
