@@ -13,6 +13,12 @@ is raised here, outside HDF5: ``PATH: no space left on device`` (:class:`hpcai.f
 status 2), another write error as a :class:`DatasetError` naming the file, or the interrupt itself. The
 file is removed on any failure.
 
+A signal handler that raises cannot be stopped at our callbacks' edges: Python may run it as a callback
+returns into HDF5 (seen: ``SystemError: seek returned a result with an exception set``, 3 in 25 SIGINTs).
+So while the file is open, in the main thread, every Python-level handler of SIGINT, SIGTERM, SIGHUP,
+SIGUSR1 and SIGUSR2 (the caller's, or Python's default ``KeyboardInterrupt``) is wrapped: it runs as
+always, but what it raises is recorded and raised by the next ``check()``, between HDF5 calls.
+
     with h5_create(path) as (f, check):
         f.create_dataset(...)[...] = block
         check()      # between blocks: raise a recorded failure now rather than at the end
@@ -21,6 +27,8 @@ file is removed on any failure.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +55,10 @@ class _NeverFailingFile:
         self.failure: BaseException | None = None  # first OSError or interrupt, raised by check()
 
     def _fail(self, e: BaseException) -> None:
+        # Kept without its traceback: the frames it holds (h5py's, with a file access property list that
+        # points back at this object through HDF5) would never be freed, and HDF5 frees what is left at
+        # exit, after Python is gone: it crashed there (PyGILState_Ensure in h5py's fapl_free).
+        e = e.with_traceback(None)
         if self.failure is None or (isinstance(self.failure, OSError) and not isinstance(e, OSError)):
             self.failure = e  # an interrupt outranks a write error: the user asked to stop
 
@@ -121,6 +133,35 @@ class _NeverFailingFile:
         raise DatasetError(f"{self.path}: write failed: {e.strerror or e}") from None
 
 
+_DEFERRED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
+
+
+@contextmanager
+def _handlers_deferred(raw: _NeverFailingFile) -> Iterator[None]:
+    """Signal handlers that raise into ``raw``'s record instead of wherever Python runs them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers run in the main thread only: this thread's HDF5 calls never see them
+        return
+    previous = {}
+    for name in _DEFERRED_SIGNALS:
+        sig = getattr(signal, name, None)
+        handler = signal.getsignal(sig) if sig is not None else None
+        if callable(handler):
+
+            def deferred(signum: int, frame, handler=handler) -> None:
+                try:
+                    handler(signum, frame)
+                except BaseException as e:  # noqa: BLE001 - raised by check(), outside HDF5
+                    raw._fail(e)
+
+            previous[sig] = signal.signal(sig, deferred)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @contextmanager
 def h5_create(path: str | os.PathLike) -> Iterator[tuple[h5py.File, Callable[[], None]]]:
     """A new HDF5 file at ``path`` (which must not exist) and a ``check()`` that raises a recorded failure.
@@ -130,16 +171,23 @@ def h5_create(path: str | os.PathLike) -> Iterator[tuple[h5py.File, Callable[[],
     """
     path = Path(path)
     raw = _NeverFailingFile(path)
-    try:
-        with h5py.File(raw, "w") as f:  # h5py's fileobj driver: all I/O goes through raw
-            yield f, raw.check
-        raw.check()  # closing wrote the metadata: a failure there is raised now
-    except BaseException:
-        raw.close()
+    with _handlers_deferred(raw):
         try:
-            os.unlink(path)
-        except OSError:
-            pass
-        raw.check()  # the recorded interrupt or write error explains the failure best
-        raise
-    raw.close()
+            with h5py.File(raw, "w") as f:  # h5py's fileobj driver: all I/O goes through raw
+                yield f, raw.check
+            raw.check()  # closing wrote the metadata: a failure there is raised now
+        except BaseException:
+            raw.close()
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            failure, raw.failure = raw.failure, None  # nothing of this build stays referenced from raw
+            if failure is not None:
+                raw.failure = failure
+                try:
+                    raw.check()  # the recorded interrupt or write error explains the failure best
+                finally:
+                    raw.failure = None
+            raise
+        raw.close()
