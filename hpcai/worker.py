@@ -1,6 +1,7 @@
 """What every rank runs. Started by ``hpcai run`` under mpiexec, or in-process under srun/mpiexec::
 
-    hpcai run jobs/digits.toml -n 2           # runs: mpiexec -n 2 python -m hpcai.worker RUN_DIR/job.toml
+    hpcai run jobs/digits.toml -n 2           # runs: mpiexec -n 2 python -m hpcai.worker LAUNCH_FILE SHA256
+    mpiexec -n 2 python -m hpcai.worker runs/digits/job.toml   # by hand: rank 0 locks the run directory
     mpiexec -n 4 hpcai run jobs/digits.toml   # already under MPI: every rank runs in-process
     srun --mpi=pmi2 -n 4 hpcai run jobs/digits.toml
 
