@@ -174,22 +174,23 @@ def test_a_second_build_of_one_out_is_refused_or_waits(tmp_path: Path) -> None:
     lock = lock_output(out)  # as a build in progress holds it
     try:
         with pytest.raises(DatasetError, match=f"another hpcai data build \\(pid {os.getpid()} on host"):
-            build_dataset("synthetic-images:n=64,size=8", out, log=quiet)
+            build_dataset("synthetic-images:n=64,size=8", out, log=quiet, wait=False)
         assert not out.exists()
-        # The worker's automatic build waits for the other build, then uses what it built.
+        # By default (the worker's automatic build) it waits for the other build, then uses what it built.
         lines: list[str] = []
         t = threading.Thread(
-            target=build_dataset,
-            args=("synthetic-tokens:n=64", out),
-            kwargs={"wait": True, "log": lines.append},
+            target=build_dataset, args=("synthetic-tokens:n=64", out), kwargs={"log": lines.append}
         )
         t.start()
         build_dataset("synthetic-images:n=64,size=8", tmp_path / "theirs", log=quiet)
         os.rename(tmp_path / "theirs", out)  # what the build holding the lock publishes
+        deadline = time.monotonic() + 60
+        while not any("waiting for it" in m for m in lines) and t.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the thread waits on the lock (no timing is asserted)
     finally:
         lock.release()
     t.join(timeout=60)
-    assert not t.is_alive() and "built meanwhile by another process: using it" in lines[-1]
+    assert not t.is_alive() and "built meanwhile by another process: using it" in lines[-1], lines
     assert ShardedDataset(out).manifest["source"] == "synthetic-images:n=64,size=8"
     assert leftovers(tmp_path) == []
 

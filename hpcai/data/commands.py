@@ -177,6 +177,7 @@ def _build(args: argparse.Namespace, comm, rank: int, build_dataset) -> int:
             overwrite=args.overwrite,
             comm=comm,
             tmp_name=os.environ.get(TMP_ENV),
+            wait=False,  # two builds to one --out: the second is refused in one line (exit 2)
         )
     except Exception as e:
         if rank != 0:  # every rank got the same error (see etl._collective): rank 0 alone reports it

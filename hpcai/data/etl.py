@@ -305,14 +305,15 @@ def build_dataset(
     overwrite: bool = False,
     comm=None,
     tmp_name: str | None = None,
-    wait: bool = False,
+    wait: bool = True,
 ) -> Path:
     """Build ``source`` into a sharded dataset at ``out``; every rank of ``comm`` (None: just this process)
     writes its share of the shards. Refuses an existing ``out`` unless ``overwrite``.
 
-    Another build of ``out`` in progress: DatasetError at once, or with ``wait`` (the training worker's
-    automatic build) wait for it and use what it built. Any exception, ``BaseException`` included, removes
-    this build's temporary files before it is re-raised.
+    Another build of ``out`` in progress: with ``wait`` (the default: the training worker's automatic build,
+    two sweep trials needing one dataset) wait for it and use what it built; without (``hpcai data build``)
+    DatasetError at once. Any exception, ``BaseException`` included, removes this build's temporary files
+    before it is re-raised.
     """
     out = Path(out)
     rank = comm.Get_rank() if comm is not None else 0
@@ -334,7 +335,7 @@ def build_dataset(
             raise DatasetError(f"{out.parent}: cannot create the directory: {e.strerror}") from None
         lock = lock_output(out, wait=wait, say=say)  # held until the dataset is published (or not)
         if out.exists():
-            if wait and not overwrite and (out / "manifest.json").is_file():
+            if lock.waited and not overwrite and (out / "manifest.json").is_file():
                 return None  # built meanwhile by the build we waited for: use it
             if not overwrite:
                 raise DatasetError(

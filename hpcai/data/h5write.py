@@ -17,7 +17,9 @@ A signal handler that raises cannot be stopped at our callbacks' edges: Python m
 returns into HDF5 (seen: ``SystemError: seek returned a result with an exception set``, 3 in 25 SIGINTs).
 So while the file is open, in the main thread, every Python-level handler of SIGINT, SIGTERM, SIGHUP,
 SIGUSR1 and SIGUSR2 (the caller's, or Python's default ``KeyboardInterrupt``) is wrapped: it runs as
-always, but what it raises is recorded and raised by the next ``check()``, between HDF5 calls.
+always, but what it raises is recorded and raised by the next ``check()``, between HDF5 calls. Code that
+would raise into the main thread by other means (``PyThreadState_SetAsyncExc``) should wait while
+:func:`in_hdf5_write` is true: such a raise is deferred the same way, to the next ``check()``.
 
     with h5_create(path) as (f, check):
         f.create_dataset(...)[...] = block
@@ -134,6 +136,12 @@ class _NeverFailingFile:
 
 
 _DEFERRED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
+_open_in_main = [0]  # files h5_create holds open in the main thread
+
+
+def in_hdf5_write() -> bool:
+    """Whether the main thread has a file of :func:`h5_create` open (signal raises are deferred then)."""
+    return _open_in_main[0] > 0
 
 
 @contextmanager
@@ -142,6 +150,7 @@ def _handlers_deferred(raw: _NeverFailingFile) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # handlers run in the main thread only: this thread's HDF5 calls never see them
         return
+    _open_in_main[0] += 1
     previous = {}
     for name in _DEFERRED_SIGNALS:
         sig = getattr(signal, name, None)
@@ -160,6 +169,7 @@ def _handlers_deferred(raw: _NeverFailingFile) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        _open_in_main[0] -= 1
 
 
 @contextmanager

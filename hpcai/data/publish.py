@@ -40,8 +40,9 @@ def lock_path(out: Path) -> Path:
 class OutputLock:
     """The exclusive flock on ``.NAME.lock`` beside a dataset's path; :meth:`release` (or death) drops it."""
 
-    def __init__(self, path: Path, fd: int):
+    def __init__(self, path: Path, fd: int, waited: bool = False):
         self.path, self._fd = path, fd
+        self.waited = waited  # another build held it first: what it built may be there now
 
     def release(self) -> None:
         if self._fd >= 0:
@@ -68,8 +69,9 @@ def lock_output(out: Path, wait: bool = False, say=lambda _m: None) -> OutputLoc
     after one warning, as runs do (see :mod:`hpcai.rundir`).
     """
     path = lock_path(out)
+    waited = [False]
     while True:
-        fd = _lock_file(out, path, wait, say)
+        fd = _lock_file(out, path, wait, say, waited)
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
         except OSError:
@@ -88,10 +90,10 @@ def lock_output(out: Path, wait: bool = False, say=lambda _m: None) -> OutputLoc
     except BaseException:
         os.close(fd)
         raise
-    return OutputLock(path, fd)
+    return OutputLock(path, fd, waited[0])
 
 
-def _lock_file(out: Path, path: Path, wait: bool, say) -> int:
+def _lock_file(out: Path, path: Path, wait: bool, say, waited: list[bool]) -> int:
     """Open ``path`` and flock it; returns the descriptor."""
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
@@ -113,6 +115,7 @@ def _lock_file(out: Path, path: Path, wait: bool, say) -> int:
             ) from None
         else:
             say(f"{out}: another build ({_holder(path)}) is writing this dataset: waiting for it")
+            waited[0] = True
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             except BaseException:
