@@ -60,7 +60,7 @@ DAMAGE = {
     ),
     "sample_shape abc": (
         lambda m: m.__setitem__("sample_shape", "abc"),
-        "sample_shape: must be a non-empty list",
+        "sample_shape: must be a list of integers",
     ),
     "x_dtype object": (lambda m: m.__setitem__("x_dtype", "object"), "x_dtype: must be one of"),
     "splits []": (lambda m: m.__setitem__("splits", []), "splits: must be an object"),
@@ -161,9 +161,9 @@ def test_hostile_sources_are_refused_in_one_line(tmp_path: Path, capsys: pytest.
     assert cli_main(["data", "build", str(one), "--out", str(tmp_path / "out")]) == 2
     assert "1 sample cannot make" in one_error_line(capsys.readouterr().err)
     two = tmp_path / "two.npz"  # the smallest source that splits: one training sample, one test sample
-    np.savez(two, x=np.zeros((2, 4), np.float32), y=np.arange(2))
+    np.savez(two, x=np.arange(2, dtype=np.float32), y=np.arange(2))  # scalar samples: sample_shape []
     ds = ShardedDataset(build_dataset(str(two), tmp_path / "out", log=quiet))
-    assert (len(ds.splits["train"]), len(ds.splits["test"]), ds.num_classes) == (1, 1, 2)
+    assert (len(ds.splits["train"]), len(ds.splits["test"]), ds.num_classes, ds.sample_shape) == (1, 1, 2, ())
 
 
 # ------------------------------------------------------------------------------------------------ concurrency

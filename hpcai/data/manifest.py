@@ -92,8 +92,8 @@ def validate_manifest(m: object, path: str | Path) -> dict:
     if "version" in m and (not _is_int(m["version"]) or not 1 <= m["version"] <= FORMAT_VERSION):
         fail("version", f"must be an integer 1..{FORMAT_VERSION} (newer hpcai?), got {m['version']!r}")
     shape = m["sample_shape"]
-    if not isinstance(shape, list) or not shape or not all(_is_int(d) and d >= 1 for d in shape):
-        fail("sample_shape", f"must be a non-empty list of integers >= 1, got {shape!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 1 for d in shape):  # []: scalar samples
+        fail("sample_shape", f"must be a list of integers >= 1, got {shape!r}")
     elements = 1
     for d in shape:
         elements *= d
