@@ -96,6 +96,32 @@ def test_damaged_manifest_is_one_line_naming_file_and_key(
     assert message in one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (
+            "num_classes",
+            5,
+            "labels 0..9 outside 0..4 (num_classes in manifest.json)",
+        ),  # was IndexError in the loss
+        (
+            "x_dtype",
+            "float64",
+            "x holds float32, manifest.json says float64",
+        ),  # was "truncated (short read...)"
+    ],
+)
+def test_a_manifest_that_disagrees_with_its_shards_names_the_shard(
+    digits_dataset: Path, tmp_path: Path, key: str, value: object, message: str
+) -> None:
+    d = damaged_copy(digits_dataset, tmp_path / "ds", lambda m: m.__setitem__(key, value))
+    split = ShardedDataset(d).splits["train"]
+    with pytest.raises(
+        DatasetError, match=f"{split.files[0]}: {message}".replace("(", r"\(").replace(")", r"\)")
+    ):
+        split.read(np.arange(4))
+
+
 def test_a_batch_larger_than_the_data_is_one_line_exit_2(digits_dataset: Path, tmp_path: Path) -> None:
     train = ShardedDataset(digits_dataset).splits["train"]
     message = f"train.batch_size: global batch 4096 is larger than the train split of {digits_dataset}"

@@ -41,8 +41,16 @@ RUN_GAP_BYTES = 256 << 10  # h5py path: read across gaps up to this size rather 
 class _Shard:
     """One open shard file: h5py handle, labels in memory, and the raw byte layout of x when it has one."""
 
-    def __init__(self, path: Path, sample_shape: tuple[int, ...], rows: int):
+    def __init__(
+        self,
+        path: Path,
+        sample_shape: tuple[int, ...],
+        rows: int,
+        x_dtype: np.dtype | None = None,
+        num_classes: int | None = None,
+    ):
         self.path = path
+        self.x_dtype, self.num_classes = x_dtype, num_classes
         try:
             self.h5 = h5py.File(path, "r")
         except (OSError, FileNotFoundError) as e:
@@ -71,7 +79,20 @@ class _Shard:
                 f"{self.path}: x{self.x.shape} / y{self.h5['y'].shape} do not match the manifest "
                 f"({rows} rows of {sample_shape})"
             )
+        if self.x_dtype is not None and self.x.dtype != self.x_dtype:
+            raise DatasetError(f"{self.path}: x holds {self.x.dtype}, manifest.json says {self.x_dtype}")
         self.y = self.h5["y"][:]
+        # Labels outside 0..num_classes-1 would fail inside the loss, far from the file that holds them.
+        if (
+            self.num_classes is not None
+            and len(self.y)
+            and (self.y.min() < 0 or self.y.max() >= self.num_classes)
+        ):
+            lo, hi = int(self.y.min()), int(self.y.max())
+            raise DatasetError(
+                f"{self.path}: labels {lo}..{hi} outside 0..{self.num_classes - 1} "
+                "(num_classes in manifest.json)"
+            )
         self.crc = self.h5["x_crc32c"][:] if "x_crc32c" in self.h5 else None
         if self.crc is None:
             return
@@ -180,9 +201,15 @@ class ShardedSplit:
     """One split (train, val or test) of a dataset: shard files opened lazily, read by global row index."""
 
     def __init__(
-        self, root: Path, split: str, entry: dict, sample_shape: tuple[int, ...], x_dtype: str = "float32"
+        self,
+        root: Path,
+        split: str,
+        entry: dict,
+        sample_shape: tuple[int, ...],
+        x_dtype: str = "float32",
+        num_classes: int | None = None,
     ):
-        self.root, self.split = root, split
+        self.root, self.split, self.num_classes = root, split, num_classes
         self.files = [root / s["file"] for s in entry["shards"]]
         rows = np.array([s["rows"] for s in entry["shards"]], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(rows)])  # shard i holds rows offsets[i]:offsets[i+1]
@@ -208,8 +235,9 @@ class ShardedSplit:
     def _open(self, i: int) -> _Shard:
         with self._lock:  # reader threads may ask for the same shard at once: open it once
             if i not in self._shards:
+                rows = int(self.offsets[i + 1] - self.offsets[i])
                 self._shards[i] = _Shard(
-                    self.files[i], self.sample_shape, int(self.offsets[i + 1] - self.offsets[i])
+                    self.files[i], self.sample_shape, rows, self.x_dtype, self.num_classes
                 )
             return self._shards[i]
 
@@ -302,7 +330,9 @@ class ShardedDataset:
         self.sample_shape = tuple(m["sample_shape"])
         self.num_classes = m["num_classes"]
         self.splits = {
-            name: ShardedSplit(self.root, name, entry, self.sample_shape, m.get("x_dtype", "float32"))
+            name: ShardedSplit(
+                self.root, name, entry, self.sample_shape, m.get("x_dtype", "float32"), self.num_classes
+            )
             for name, entry in m["splits"].items()
         }
         if verify:
