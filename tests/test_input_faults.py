@@ -35,3 +35,16 @@ def test_profile_and_template_names_the_os_refuses(tmp_path: Path) -> None:
         find_template(long)
     with pytest.raises(UserError):
         find_template(f"{tmp_path}/{long}.j2")
+
+
+def test_ps_batch_larger_than_the_data_is_one_line(tmp_path: Path, digits_dataset: Path) -> None:
+    """The ps strategy checks the batch like the others (was a ValueError, exit 1)."""
+    import json
+
+    from tests.conftest import run_cli
+
+    proc = run_cli("run", "jobs/digits_ps.toml", "-n", "3", "--set", "ps.servers=1", "--run-dir",
+                   str(tmp_path / "r"), "--set", f"data.path={json.dumps(str(digits_dataset))}",
+                   "--set", "train.batch_size=4096")  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("global batch 4096 is larger than the train split") == 1, proc.stderr

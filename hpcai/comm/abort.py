@@ -167,7 +167,9 @@ class JobSignals:
         retry = min(self.RETRY_S, self.fallback_s)
         if self._ended.wait(retry):
             return
-        if self._raised and not self._main_unwinding():
+        h5write = sys.modules.get("hpcai.data.h5write")  # a raise thrown into HDF5's callbacks can crash
+        in_hdf5 = h5write is not None and h5write.in_hdf5_write()  # there: its own check raises it soon
+        if self._raised and not self._main_unwinding() and not in_hdf5:
             main = threading.main_thread().ident
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(main), ctypes.py_object(Interrupted))
         if self._ended.wait(self.fallback_s - retry):

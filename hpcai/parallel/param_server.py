@@ -301,7 +301,7 @@ def train_ps(spec: JobSpec, topo, t0: float) -> dict | None:
 
     Started by :func:`hpcai.worker.train_job` when ``train.strategy = "ps"``.
     """
-    from hpcai.data.loader import BatchLoader
+    from hpcai.data.loader import BatchLoader, check_batch_fits
     from hpcai.data.shards import ShardedDataset
     from hpcai.models import build_model
     from hpcai.parallel.ps_loops import Server, SlowDown, run_worker_loop
@@ -339,11 +339,8 @@ def train_ps(spec: JobSpec, topo, t0: float) -> dict | None:
     ps_comm.bcast_(flat.numpy(), topo.ps_comm)  # rank 0's initial parameters everywhere (all ranks alive)
     sizes = [p.numel() for p in model.parameters() if p.requires_grad]
     plan = ShardPlan.build(sizes, topo.n_servers)
+    check_batch_fits(data.splits["train"], spec.train.batch_size)  # one line, exit 2
     steps_per_epoch = len(data.splits["train"]) // spec.train.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"the training split has {len(data.splits['train'])} samples, fewer than one global batch"
-        )
     n_steps = total_steps(spec.train, steps_per_epoch)
     payload = ckpt.read_checkpoint(Path(resume_path), verify=False) if resume_path else None
 
