@@ -20,7 +20,7 @@ from torch import nn
 from hpcai import checkpoint as ckpt
 from hpcai import fsio
 from hpcai.cli import main as cli_main
-from tests.conftest import ROOT, cli_env
+from tests.conftest import ROOT, cli_env, small_tmpfs
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -417,18 +417,9 @@ def test_remove_stale_temporaries_cleans_old_and_new_style_only(tmp_path: Path) 
 
 @pytest.fixture
 def small_fs(tmp_path: Path):
-    """A 1 MiB tmpfs under tmp_path (root only, as here and in CI), unmounted afterwards."""
-    d = tmp_path / "fs"
-    d.mkdir()
-    mount = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True, timeout=30
-    )
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs (needs root): {mount.stderr.decode().strip()}")
-    try:
+    """A 1 MiB tmpfs under tmp_path."""
+    with small_tmpfs(tmp_path / "fs", "1m") as d:
         yield d
-    finally:
-        subprocess.run(["umount", str(d)], capture_output=True, timeout=30)
 
 
 def test_full_disk_is_one_line_leaves_no_temporary_and_keeps_older_checkpoints(small_fs: Path) -> None:

@@ -30,7 +30,7 @@ from hpcai.data.publish import lock_output
 from hpcai.data.shards import ShardedDataset
 from hpcai.errors import DatasetError
 from hpcai.fsio import NoSpaceError
-from tests.conftest import ROOT, cli_env, run_cli
+from tests.conftest import ROOT, cli_env, run_cli, small_tmpfs
 
 RACE_LOOPS = int(os.environ.get("HPCAI_RACE_LOOPS", "1"))
 
@@ -266,21 +266,9 @@ def test_two_builds_to_one_out_never_both_claim_success(tmp_path: Path, overwrit
 
 @pytest.fixture
 def small_fs(tmp_path: Path):
-    """A 512 KiB tmpfs (needs root, as in CI): a full file system on demand."""
-    d = tmp_path / "fs"
-    d.mkdir()
-    cmd = ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(d)]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"cannot mount a small tmpfs: {e}")
-    if r.returncode:
-        pytest.skip(f"cannot mount a small tmpfs (needs root): {r.stderr.strip()}")
-    try:
+    """A 512 KiB tmpfs: a full file system on demand."""
+    with small_tmpfs(tmp_path / "fs", "512k") as d:
         yield d
-    finally:
-        if subprocess.run(["umount", str(d)], capture_output=True, timeout=30).returncode:
-            subprocess.run(["umount", "-l", str(d)], capture_output=True, timeout=30)
 
 
 def test_full_disk_is_one_line_and_leaves_the_old_dataset_intact(small_fs: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from hpcai.errors import UserError
 from hpcai.fsio import NoSpaceError
 from hpcai.report import Reporter, rank_logger, read_metrics, truncate_metrics
-from tests.conftest import run_cli
+from tests.conftest import run_cli, small_tmpfs
 
 
 def _records(n: int) -> list[dict]:
@@ -65,17 +64,9 @@ def test_read_metrics_skips_blank_lines(tmp_path: Path) -> None:
 
 @pytest.fixture
 def tiny_fs(tmp_path: Path):
-    """A 64 KiB tmpfs (root only; skipped elsewhere), unmounted afterwards."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount a tmpfs (needs root)")
-    try:
+    """A 64 KiB tmpfs."""
+    with small_tmpfs(tmp_path / "tiny", "64k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _fill(directory: Path) -> None:

@@ -24,7 +24,7 @@ import hpcai.predict
 from hpcai import checkpoint as ckpt
 from hpcai.cli import main as cli_main
 from hpcai.launch import find_mpiexec
-from tests.conftest import ROOT, cli_env
+from tests.conftest import ROOT, cli_env, small_tmpfs
 from tests.test_predict import make_run, reference
 
 HOOK = r"""
@@ -145,18 +145,9 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, digits_dataset: Path) 
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs under tmp_path (we are root here and in CI), unmounted afterwards."""
-    d = tmp_path / "small"
-    d.mkdir()
-    mount = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(d)], capture_output=True, timeout=30
-    )
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs (needs root): {mount.stderr.decode().strip()}")
-    try:
+    """A 256 KiB tmpfs under tmp_path."""
+    with small_tmpfs(tmp_path / "small", "256k") as d:
         yield d
-    finally:
-        subprocess.run(["umount", str(d)], capture_output=True, timeout=30)
 
 
 def test_output_that_cannot_fit_is_refused_before_writing(

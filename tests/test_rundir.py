@@ -14,7 +14,7 @@ import pytest
 
 from hpcai.errors import UserError
 from hpcai.rundir import LOCK_NAME, RunDirError, acquire, check_run_dir
-from tests.conftest import ROOT, cli_env, run_cli
+from tests.conftest import ROOT, cli_env, run_cli, small_tmpfs
 
 
 def _digits(ds: Path) -> list[str]:
@@ -142,14 +142,8 @@ def test_bad_input_found_by_every_rank_is_reported_once(tmp_path: Path, digits_d
 
 @pytest.fixture
 def full_disk(tmp_path: Path):
-    """A 64 KiB tmpfs filled to the last byte (root only; skipped elsewhere)."""
-    mnt = tmp_path / "full"
-    mnt.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount a tmpfs (needs root)")
-    try:
+    """A 64 KiB tmpfs filled to the last byte."""
+    with small_tmpfs(tmp_path / "full", "64k") as mnt:
         (mnt / "run").mkdir()
         fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
         try:
@@ -160,8 +154,6 @@ def full_disk(tmp_path: Path):
         finally:
             os.close(fd)
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_full_disk_at_launch(full_disk: Path, digits_dataset: Path) -> None:
