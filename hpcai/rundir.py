@@ -84,7 +84,8 @@ class RunDirLock:
         self.release()
 
 
-def _holder(lock_file: Path) -> str:
+def describe_holder(lock_file: Path) -> str:
+    """Who holds a lock file, as its holder wrote it (pid, host, since): for a refusal's one line."""
     try:
         info = json.loads(lock_file.read_text(encoding="utf-8"))
         return f"pid {int(info['pid'])} on host {info['host']}, since {info['since']}"
@@ -122,7 +123,7 @@ def acquire(run_dir: Path, what: str = "hpcai run") -> RunDirLock:
             if time.monotonic() >= deadline:
                 os.close(fd)
                 raise RunDirError(
-                    f"{run_dir}: in use by another {what} ({_holder(lock_file)}); "
+                    f"{run_dir}: in use by another {what} ({describe_holder(lock_file)}); "
                     "wait for it to end or choose another --run-dir"
                 ) from None
             time.sleep(1.0)

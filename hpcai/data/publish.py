@@ -31,6 +31,7 @@ from pathlib import Path
 
 from hpcai.errors import DatasetError
 from hpcai.fsio import TEMP_MARK, NoSpaceError, temp_name
+from hpcai.rundir import describe_holder
 
 
 def lock_path(out: Path) -> Path:
@@ -52,14 +53,6 @@ class OutputLock:
                 pass
             os.close(self._fd)  # the last descriptor of the open file: the flock goes with it
             self._fd = -1
-
-
-def _holder(path: Path) -> str:
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-        return f"pid {int(info['pid'])} on host {info['host']}, since {info['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "a process that has not said who it is yet"
 
 
 def lock_output(out: Path, wait: bool = False, say=lambda _m: None) -> OutputLock:
@@ -110,11 +103,11 @@ def _lock_file(out: Path, path: Path, wait: bool, say, waited: list[bool]) -> in
         elif not wait:
             os.close(fd)
             raise DatasetError(
-                f"{out}: another hpcai data build ({_holder(path)}) is writing this dataset; "
+                f"{out}: another hpcai data build ({describe_holder(path)}) is writing this dataset; "
                 "this build stopped and wrote nothing: wait for it, or choose another --out"
             ) from None
         else:
-            say(f"{out}: another build ({_holder(path)}) is writing this dataset: waiting for it")
+            say(f"{out}: another build ({describe_holder(path)}) is writing this dataset: waiting for it")
             waited[0] = True
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
