@@ -41,6 +41,7 @@ from typing import Any
 
 from hpcai.bench import report_main
 from hpcai.errors import UserError
+from hpcai.rundir import acquire
 
 PROG = "hpcai bench train"
 METRICS = ("test_accuracy",)  # what the loop evaluates per epoch (train.eval_every)
@@ -140,6 +141,7 @@ def _run_one(args: argparse.Namespace, ranks: int, seed: int, batch: int, run_di
     """One `hpcai run` in a subprocess, clock started before launch; its time to target (or None)."""
     shutil.rmtree(run_dir, ignore_errors=True)  # the bench's own directory: always a fresh run
     run_dir.mkdir(parents=True)
+    acquire(run_dir, "hpcai bench train").release()  # marks it a run directory before bench.log goes in
     sets = [*args.set, f"train.seed={seed}", f"train.batch_size={batch}", "train.eval_every=1"]
     sets.append(f"train.stop_at_accuracy={args.target_value}")
     cmd = [sys.executable, "-m", "hpcai", "run", args.job, "-n", str(ranks), "--run-dir", str(run_dir)]
