@@ -118,11 +118,11 @@ def test_rank_count_beyond_what_the_machine_holds(tmp_path: Path) -> None:
 def test_launch_file_is_checked(tmp_path: Path) -> None:
     """Ranks take the spec the launcher resolved, and only if the file is the one it wrote."""
     from hpcai.launch import read_launch_file, write_launch_file
-    from hpcai.spec import load_spec
+    from hpcai.spec import load_spec, toml_string
 
     run_dir = tmp_path / "rün🚀"
     run_dir.mkdir()
-    spec = load_spec("jobs/digits.toml", [f"job.run_dir={json.dumps(str(run_dir))}", "train.lr=0.25"])
+    spec = load_spec("jobs/digits.toml", [f"job.run_dir={toml_string(str(run_dir))}", "train.lr=0.25"])
     path, digest = write_launch_file(spec)
     assert read_launch_file(str(path), digest).train.lr == 0.25
     assert read_launch_file(str(path), digest).run_dir == run_dir
