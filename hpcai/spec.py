@@ -338,7 +338,11 @@ def load_spec(path: str | Path | None, overrides: list[str] = (), ranks: int | N
     if path is not None:
         p = Path(path)
         if not _is_file(p):
-            raise SpecError(f"{source}: no such job spec file")
+            from hpcai.resources import shipped_dir
+
+            shipped = shipped_dir("jobs") / p.name
+            hint = f" (hpcai ships an example of that name: {shipped})" if _is_file(shipped) else ""
+            raise SpecError(f"{source}: no such job spec file{hint}")
         try:
             raw = tomllib.loads(p.read_text(encoding="utf-8"))  # TOML is UTF-8 whatever the locale
         except tomllib.TOMLDecodeError as e:

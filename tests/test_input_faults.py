@@ -48,3 +48,13 @@ def test_ps_batch_larger_than_the_data_is_one_line(tmp_path: Path, digits_datase
                    "--set", "train.batch_size=4096")  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("global batch 4096 is larger than the train split") == 1, proc.stderr
+
+
+def test_a_missing_job_named_like_a_shipped_example_points_to_it(tmp_path: Path) -> None:
+    """From an empty directory (a wheel install), `hpcai run jobs/digits.toml` says where the example is."""
+    from tests.conftest import run_cli
+
+    proc = run_cli("validate", "jobs/digits.toml", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "no such job spec file (hpcai ships an example of that name:" in proc.stderr
+    assert proc.stderr.rstrip().endswith("digits.toml)")
