@@ -77,3 +77,15 @@ def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
     finally:
         if subprocess.run(["umount", str(where)], capture_output=True, timeout=30).returncode:
             subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+
+
+def fill_disk(directory: Path) -> None:
+    """Write ``directory/filler`` until the file system is full (unbuffered: nothing left to flush)."""
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from hpcai.errors import UserError
 from hpcai.fsio import NoSpaceError
 from hpcai.report import Reporter, rank_logger, read_metrics, truncate_metrics
-from tests.conftest import run_cli, small_tmpfs
+from tests.conftest import fill_disk, run_cli, small_tmpfs
 
 
 def _records(n: int) -> list[dict]:
@@ -69,17 +68,6 @@ def tiny_fs(tmp_path: Path):
         yield mnt
 
 
-def _fill(directory: Path) -> None:
-    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def test_full_disk_while_writing_metrics_is_one_error(tiny_fs: Path, capfd: pytest.CaptureFixture) -> None:
     """Rank 0's log and metrics.jsonl on a file system that fills up: the metrics write raises one
     NoSpaceError naming metrics.jsonl, the log stops quietly (no logging traceback per record), and
@@ -90,7 +78,7 @@ def test_full_disk_while_writing_metrics_is_one_error(tiny_fs: Path, capfd: pyte
     reporter = Reporter(run_dir, True, logger, 1000, time.time())
     record = {"step": 0, "epoch": 0, "loss": 1.0, "lr": 0.1, "samples_per_s": 1.0, "wall_s": 0.0}
     reporter.step(dict(record, step=1), advance=1)
-    _fill(tiny_fs)
+    fill_disk(tiny_fs)
     written = 1
     with pytest.raises(NoSpaceError) as err:
         for step in range(2, 2000):  # records fill metrics.jsonl's last page, then need a new one

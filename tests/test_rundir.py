@@ -14,7 +14,7 @@ import pytest
 
 from hpcai.errors import UserError
 from hpcai.rundir import LOCK_NAME, RunDirError, acquire, check_run_dir
-from tests.conftest import ROOT, cli_env, run_cli, small_tmpfs
+from tests.conftest import ROOT, cli_env, fill_disk, run_cli, small_tmpfs
 
 
 def _digits(ds: Path) -> list[str]:
@@ -145,14 +145,7 @@ def full_disk(tmp_path: Path):
     """A 64 KiB tmpfs filled to the last byte."""
     with small_tmpfs(tmp_path / "full", "64k") as mnt:
         (mnt / "run").mkdir()
-        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
-        try:
-            while os.write(fd, b"\0" * 4096):
-                pass
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        fill_disk(mnt)
         yield mnt
 
 
