@@ -54,6 +54,16 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and TEMP_MARK in name
 
 
+def free_bytes(directory: str | os.PathLike) -> int | None:
+    """Bytes an unprivileged writer may still use in ``directory``'s file system; None where it cannot say
+    (statvfs refused, or a file system that reports no size at all)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize if st.f_blocks else None
+
+
 def create_exclusive(path: str | os.PathLike, mode: int = 0o644) -> int:
     """Open a new file for writing; fails if anything (a file, a symlink) already has that name."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from hpcai.errors import UserError
-from hpcai.fsio import NoSpaceError, create_exclusive, fsync_dir, is_no_space, temp_name
+from hpcai.fsio import NoSpaceError, create_exclusive, free_bytes, fsync_dir, is_no_space, temp_name
 
 PROG = "hpcai predict"
 METADATA_BYTES = 64 << 10  # room for HDF5's metadata and the attributes beyond the rows (~10 KB measured)
@@ -187,12 +187,8 @@ def _row_bytes(layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> int:
 
 def _check_space(out: Path, need: int) -> None:
     """Refuse an output the file system cannot hold (an estimate: the reservation in _create is exact)."""
-    try:
-        st = os.statvfs(out.parent)
-    except OSError:
-        return
-    free = st.f_bavail * st.f_frsize
-    if st.f_blocks and free < need:  # f_blocks 0: a file system that does not say
+    free = free_bytes(out.parent)
+    if free is not None and free < need:
         raise NoSpaceError(f"{out}: no space left on device (the output needs {need:,} bytes, {free:,} free)")
 
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from hpcai.errors import DatasetError
-from hpcai.fsio import TEMP_MARK, NoSpaceError, temp_name
+from hpcai.fsio import TEMP_MARK, NoSpaceError, free_bytes, temp_name
 from hpcai.rundir import describe_holder
 
 
@@ -140,12 +140,8 @@ def remove_stale_builds(out: Path) -> list[Path]:
 
 def check_free_space(out: Path, need_bytes: int) -> None:
     """Refuse to start a build that cannot fit (``need_bytes``: an estimate of the uncompressed shards)."""
-    try:
-        st = os.statvfs(out.parent)
-    except OSError:
-        return
-    free = st.f_bavail * st.f_frsize
-    if need_bytes > free:
+    free = free_bytes(out.parent)
+    if free is not None and need_bytes > free:
         raise NoSpaceError(
             f"{out}: no space left on device: the dataset needs about {need_bytes / 1e6:,.1f} MB, "
             f"{free / 1e6:,.1f} MB free on {out.parent}"
